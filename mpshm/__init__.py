@@ -1,0 +1,25 @@
+"""mpshm: shared memory for multiprocessing and concurrent.futures, on the storage you choose.
+
+Drop-in replacements for :mod:`multiprocessing.shared_memory`::
+
+    from mpshm import SharedMemory, ShareableList
+
+    shm = SharedMemory(create=True, size=1 << 20)                  # POSIX, like the stdlib
+    shm = SharedMemory(create=True, size=1 << 20, backend="sysv")  # System V
+    shm = SharedMemory(create=True, size=1 << 20, backend="mmap")  # a file, mmap'd
+
+Backends live in :mod:`mpshm.backends`; the default is ``posix``, or
+``MPSHM_BACKEND``, or what :func:`set_default_backend` says.
+"""
+
+from .backends import get_default_backend, set_default_backend
+from .shared_memory import ShareableList, SharedMemory
+
+__all__ = [
+    "ShareableList",
+    "SharedMemory",
+    "get_default_backend",
+    "set_default_backend",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,187 @@
+"""The tracker process: ``python -m mpshm._tracker CONN_FD LISTEN_FD [PARENT_PID]``.
+
+Started by :mod:`mpshm.tracking`; not meant to be run by hand. It reads
+register/unregister messages, waits until the program that started it is
+over (see :mod:`mpshm.tracking` for how it tells), destroys what is still
+registered, and exits. It writes nothing to stdout or stderr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+from typing import Any, Optional
+
+_POLL = 0.05
+
+
+def _start_time(pid: int) -> Optional[str]:
+    """Start time of *pid* (to tell it from a later process with the same
+    pid), or None if it is gone or a zombie. Without /proc: "?" if alive."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        data = b""
+    if data:
+        fields = data[data.rindex(b")") + 2 :].split()
+        if fields[0] in (b"Z", b"X"):
+            return None
+        return fields[19].decode()
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return "?"
+
+
+def _carriers(needle: bytes) -> dict[int, str]:
+    """Living processes whose environment carries our MPSHM_TRACKER value."""
+    found: dict[int, str] = {}
+    me = os.getpid()
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        if pid == me:
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            start = _start_time(pid)
+            if start is not None:
+                found[pid] = start
+    return found
+
+
+def _peer_uid(conn: socket.socket) -> Optional[int]:
+    if not hasattr(socket, "SO_PEERCRED"):
+        return os.getuid()
+    fmt = "3i"
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+    except OSError:
+        return None
+    _pid, uid, _gid = struct.unpack(fmt, creds)
+    return int(uid)
+
+
+class Tracker:
+    """The registry of one program's tracked segments."""
+
+    def __init__(self, conn: socket.socket, listener: socket.socket, parent: Optional[int]) -> None:
+        self.listener = listener
+        self.conns: set[socket.socket] = {conn}
+        self.entries: dict[tuple[str, str], dict[str, Any]] = {}
+        self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
+        self.watched: dict[int, str] = {}
+        if parent is not None:
+            start = _start_time(parent)
+            if start is not None:
+                self.watched[parent] = start
+
+    def handle(self, data: bytes) -> None:
+        for line in data.splitlines():
+            try:
+                msg = json.loads(line)
+                key = (str(msg["b"]), str(msg["i"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if msg.get("op") == "reg":
+                self.entries[key] = msg
+            elif msg.get("op") == "unreg":
+                self.entries.pop(key, None)
+
+    def still_running(self) -> bool:
+        """Whether any process of the program may still be alive."""
+        if self.conns:
+            return True
+        self.watched = {
+            pid: start for pid, start in self.watched.items() if _start_time(pid) == start
+        }
+        if self.watched:
+            return True
+        self.watched = _carriers(self.needle)
+        return bool(self.watched)
+
+    def run(self) -> None:
+        while True:
+            timeout = None if self.conns and not self.watched else _POLL
+            readable, _, _ = select.select([self.listener, *self.conns], [], [], timeout)
+            for sock in readable:
+                if sock is self.listener:
+                    try:
+                        conn, _ = self.listener.accept()
+                    except OSError:
+                        continue
+                    if _peer_uid(conn) != os.getuid():
+                        conn.close()
+                    else:
+                        self.conns.add(conn)
+                    continue
+                try:
+                    data = sock.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if data:
+                    self.handle(data)
+                else:
+                    self.conns.discard(sock)
+                    sock.close()
+            if not self.conns and not self.still_running():
+                # Accept what arrived in the meantime before deciding.
+                ready, _, _ = select.select([self.listener], [], [], 0)
+                if not ready:
+                    return
+
+    def cleanup(self) -> None:
+        from . import backends
+
+        for (backend_name, ident), msg in list(self.entries.items()):
+            try:
+                if msg.get("m") and backend_name not in backends.registry:
+                    importlib.import_module(str(msg["m"]))
+                backend = backends.get(backend_name)
+                backend.destroy(ident, msg.get("id"))
+            except Exception:
+                continue
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Run the tracker (see the module docstring)."""
+    args = sys.argv[1:] if argv is None else argv
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    conn = socket.socket(fileno=int(args[0]))
+    listener = socket.socket(fileno=int(args[1]))
+    parent = int(args[2]) if len(args) > 2 else None
+    tracker = Tracker(conn, listener, parent)
+    try:
+        tracker.run()
+    finally:
+        listener.close()
+        tracker.cleanup()
+        address = os.environ.get("MPSHM_TRACKER", "")
+        if address.startswith("/"):
+            try:
+                os.unlink(address)
+            except OSError:
+                pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""POSIX shared memory (``shm_open``) through ``posix_ipc``.
+
+Names are bare, exactly like the standard library's: ``psm_<hex>`` for
+generated ones, or the user's own. On Linux the objects are files in
+``/dev/shm`` (a tmpfs), so a segment made here opens with
+``multiprocessing.shared_memory.SharedMemory(name)`` and the other way round.
+
+Space is reserved at creation with ``posix_fallocate``: a segment that the
+tmpfs cannot hold fails there with ``OSError(ENOSPC)`` instead of killing the
+process with SIGBUS on its first write to a missing page.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import sys
+from typing import Any, Mapping, Optional
+
+import posix_ipc
+
+from ._base import (
+    Attachment,
+    Backend,
+    MmapAttachment,
+    SegmentInfo,
+    fstat_identity,
+    no_space,
+    random_token,
+)
+
+__all__ = ["PosixBackend"]
+
+#: Prefix of generated names, as in the standard library.
+PREFIX = "psm_"
+#: Where Linux keeps POSIX shared memory objects.
+SHM_DIR = "/dev/shm"
+#: Longest name the kernel takes (a file name in /dev/shm).
+NAME_MAX = 255
+
+
+def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
+    """Allocate *size* bytes for *fd* now, so a later write cannot SIGBUS.
+
+    Raises the ENOSPC error of :func:`no_space` when the filesystem is full.
+    Filesystems that cannot preallocate are left as they are.
+    """
+    if not hasattr(os, "posix_fallocate"):  # macOS: nothing to reserve with
+        return
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            free = None
+            if where is not None:
+                try:
+                    st = os.statvfs(where)
+                    free = st.f_bavail * st.f_frsize
+                except OSError:
+                    pass
+            raise no_space(storage, size, free, remedy) from None
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.ENOSYS):
+            return
+        raise
+
+
+class PosixBackend(Backend):
+    """POSIX shared memory objects (``shm_open``), the default backend."""
+
+    name = "posix"
+    storage = "/dev/shm (POSIX shared memory)"
+
+    def parse(self, ident: str, options: Mapping[str, Any]) -> str:
+        self.check_options(options)
+        canonical = ident.lstrip("/")
+        problem = None
+        if not canonical:
+            problem = "it is empty"
+        elif "\0" in canonical:
+            problem = "it contains a NUL character"
+        elif "/" in canonical:
+            problem = "it contains '/' after the first character"
+        elif canonical in (".", ".."):
+            problem = "'.' and '..' are not object names"
+        elif len(os.fsencode(canonical)) > NAME_MAX:
+            problem = f"it is longer than {NAME_MAX} bytes"
+        if problem:
+            raise ValueError(
+                f"invalid POSIX shared memory name {ident!r}: {problem}. Use a plain "
+                "file name such as 'frames' (letters, digits, '_', '-', '.')."
+            )
+        return canonical
+
+    def generate(self, options: Mapping[str, Any]) -> str:
+        return PREFIX + random_token()
+
+    def qualified(self, ident: str) -> str:
+        return ident
+
+    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        try:
+            shm = posix_ipc.SharedMemory("/" + ident, posix_ipc.O_CREX, mode=0o600)
+        except posix_ipc.ExistentialError:
+            raise FileExistsError(
+                errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
+            ) from None
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, str(exc), ident) from None
+        fd = shm.fd
+        try:
+            os.ftruncate(fd, size)
+            reserve(
+                fd,
+                size,
+                self.storage,
+                SHM_DIR if os.path.isdir(SHM_DIR) else None,
+                "Free space in /dev/shm, start the container with a larger "
+                "--shm-size, or use backend='mmap' with dir= on a larger disk.",
+            )
+            attachment = MmapAttachment(fd, size, fstat_identity(fd))
+        except BaseException:
+            shm.close_fd()
+            try:
+                posix_ipc.unlink_shared_memory("/" + ident)
+            except posix_ipc.Error:
+                pass
+            raise
+        shm.close_fd()
+        return attachment
+
+    def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
+        try:
+            shm = posix_ipc.SharedMemory("/" + ident, 0)
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(
+                errno.ENOENT, "No such POSIX shared memory segment", ident
+            ) from None
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, str(exc), ident) from None
+        try:
+            st = os.fstat(shm.fd)
+            if st.st_size == 0:
+                raise ValueError(
+                    f"the POSIX shared memory segment {ident!r} has size 0: there is "
+                    "nothing to map (was it created by something other than mpshm "
+                    "or the standard library, and not sized yet?)"
+                )
+            return MmapAttachment(shm.fd, st.st_size, f"{st.st_dev}:{st.st_ino}")
+        finally:
+            shm.close_fd()
+
+    def unlink(self, ident: str) -> None:
+        try:
+            posix_ipc.unlink_shared_memory("/" + ident)
+        except posix_ipc.ExistentialError:
+            raise FileNotFoundError(
+                errno.ENOENT, "No such POSIX shared memory segment", ident
+            ) from None
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, str(exc), ident) from None
+
+    def identity(self, ident: str) -> Optional[str]:
+        try:
+            shm = posix_ipc.SharedMemory("/" + ident, 0, read_only=True)
+        except posix_ipc.Error:
+            return None
+        try:
+            return fstat_identity(shm.fd)
+        finally:
+            shm.close_fd()
+
+    def list(self) -> list[SegmentInfo]:
+        if not sys.platform.startswith("linux") or not os.path.isdir(SHM_DIR):
+            return []
+        found = []
+        for entry in os.scandir(SHM_DIR):
+            if entry.name.startswith("sem."):  # POSIX semaphores live here too
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            found.append(
+                SegmentInfo(
+                    name=entry.name,
+                    backend=self.name,
+                    size=st.st_size,
+                    uid=st.st_uid,
+                    mode=stat.S_IMODE(st.st_mode),
+                    ctime=st.st_ctime,
+                    extra={"path": entry.path},
+                )
+            )
+        return found
+
+    def available(self) -> Optional[str]:
+        if sys.platform.startswith("linux") and not os.path.isdir(SHM_DIR):
+            return f"{SHM_DIR} does not exist: POSIX shared memory is not mounted"
+        return None

@@ -1,0 +1,304 @@
+"""System V shared memory (``shmget``/``shmat``) through ``sysv_ipc``.
+
+Names are ``sysv:<key>``. Generated keys are random over the whole 32-bit
+key range (retried on collision) and written as ``sysv:0x%08x``; a key may
+also be given in decimal. Any other identifier (a user's own name such as
+``"frames"``, or ``shm.name + "_suffix"``) maps to a key by this stable,
+documented rule:
+
+    key = first 4 bytes of SHA-256(identifier encoded as UTF-8), big-endian,
+          read as an unsigned 32-bit number; 0 (IPC_PRIVATE) becomes 1.
+
+The kernel zero-fills new SysV segments. ``sysv_ipc`` would then overwrite a
+new segment with spaces (a write of the whole segment); mpshm avoids that by
+creating it read-only (``sysv_ipc`` only fills writable attachments), then
+granting itself write permission and re-attaching.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import re
+import sys
+from typing import Any, Mapping, NamedTuple, Optional
+
+import sysv_ipc
+
+from ._base import Attachment, Backend, SegmentInfo, format_size, no_space
+
+__all__ = ["SysVBackend", "key_for"]
+
+PROC_SHM = "/proc/sysvipc/shm"
+_NUMBER = re.compile(r"-?[0-9]+|0[xX][0-9a-fA-F]+")
+_REMEDY = (
+    "Raise the kernel limits (sysctl kernel.shmmax / kernel.shmall / kernel.shmmni), "
+    "unlink unused segments (ipcs -m), or use the posix or mmap backend."
+)
+
+
+def key_for(ident: str) -> int:
+    """Return the SysV key (unsigned 32-bit) that identifier *ident* names."""
+    if _NUMBER.fullmatch(ident):
+        value = int(ident, 16) if ident[:2].lower() == "0x" else int(ident, 10)
+        if -(2**31) <= value < 2**32:
+            if value == 0:
+                raise ValueError(
+                    "invalid System V name 'sysv:0': key 0 is IPC_PRIVATE, which cannot "
+                    "be attached by name. Use another key, or no name to get a random one."
+                )
+            return value & 0xFFFFFFFF
+        raise ValueError(
+            f"invalid System V key {ident!r}: keys are 32-bit numbers "
+            "(-2147483648 to 4294967295, or 0x1 to 0xffffffff)"
+        )
+    digest = hashlib.sha256(ident.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:4], "big") or 1
+
+
+def _signed(key: int) -> int:
+    return key - 2**32 if key >= 2**31 else key
+
+
+class _ProcEntry(NamedTuple):
+    key: int
+    shmid: int
+    mode: int
+    size: int
+    cpid: int
+    nattch: int
+    uid: int
+    ctime: int
+
+
+def _proc_segments() -> Optional[list[_ProcEntry]]:
+    """Parse /proc/sysvipc/shm, or return None where it does not exist."""
+    try:
+        with open(PROC_SHM) as f:
+            lines = f.read().splitlines()[1:]
+    except OSError:
+        return None
+    entries = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) < 14:
+            continue
+        entries.append(
+            _ProcEntry(
+                key=int(fields[0]) & 0xFFFFFFFF,
+                shmid=int(fields[1]),
+                mode=int(fields[2], 8),
+                size=int(fields[3]),
+                cpid=int(fields[4]),
+                nattch=int(fields[6]),
+                uid=int(fields[7]),
+                ctime=int(fields[13]),
+            )
+        )
+    return entries
+
+
+def _read_int(path: str) -> Optional[int]:
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class _Segment(sysv_ipc.SharedMemory):  # type: ignore[misc]
+    """A sysv_ipc attachment that detaches itself when garbage-collected.
+
+    ``memoryview(segment)`` keeps the segment object alive, so the memory
+    stays attached for exactly as long as any view of it exists.
+    """
+
+    def __del__(self) -> None:
+        try:
+            self.detach()
+        except Exception:
+            pass
+
+
+class SysVAttachment(Attachment):
+    """A System V segment attached to this process."""
+
+    def __init__(self, segment: _Segment) -> None:
+        self._segment: Optional[_Segment] = segment
+        self.size = int(segment.size)
+        self.buf = memoryview(segment)
+        self.identity = str(segment.id)
+
+    def close(self) -> None:
+        buf, self.buf = self.buf, None
+        self._segment = None  # detached by _Segment.__del__ once no view is left
+        if buf is not None:
+            try:
+                buf.release()
+            except BufferError:
+                pass
+
+
+class SysVBackend(Backend):
+    """System V shared memory segments."""
+
+    name = "sysv"
+    storage = "System V shared memory"
+
+    def parse(self, ident: str, options: Mapping[str, Any]) -> str:
+        self.check_options(options)
+        problem = None
+        if not ident:
+            problem = "it is empty"
+        elif "\0" in ident:
+            problem = "it contains a NUL character"
+        elif len(ident.encode("utf-8", "surrogatepass")) > 255:
+            problem = "it is longer than 255 bytes"
+        if problem:
+            raise ValueError(
+                f"invalid System V name {ident!r}: {problem}. Use a key "
+                "('sysv:0x1234abcd') or a short name ('frames')."
+            )
+        key_for(ident)  # raises for a number outside the key range
+        return ident
+
+    def generate(self, options: Mapping[str, Any]) -> str:
+        while True:
+            key = int.from_bytes(os.urandom(4), "big")
+            if key:
+                return f"0x{key:08x}"
+
+    def qualified(self, ident: str) -> str:
+        return f"{self.name}:{ident}"
+
+    def _check_space(self, size: int) -> None:
+        shmmax = _read_int("/proc/sys/kernel/shmmax")
+        shmall = _read_int("/proc/sys/kernel/shmall")
+        page = os.sysconf("SC_PAGE_SIZE")
+        free: Optional[int] = None
+        if shmall is not None:
+            used = sum(-(-e.size // page) for e in (_proc_segments() or []))
+            free = max(0, shmall - used) * page
+        if shmmax is not None:
+            free = shmmax if free is None else min(free, shmmax)
+        if free is not None and size > free:
+            limits = f"kernel.shmmax = {shmmax}, kernel.shmall = {shmall} pages"
+            raise no_space(f"{self.storage} ({limits})", size, free, _REMEDY)
+
+    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        self._check_space(size)
+        key = _signed(key_for(ident))
+        try:
+            # Read-only so that sysv_ipc does not fill the segment with spaces.
+            segment = _Segment(key, sysv_ipc.IPC_CREX, mode=0o400, size=size)
+        except sysv_ipc.ExistentialError:
+            raise FileExistsError(
+                errno.EEXIST,
+                "A System V shared memory segment with that key exists",
+                self.qualified(ident),
+            ) from None
+        except sysv_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, str(exc), self.qualified(ident)) from None
+        except (ValueError, MemoryError, OSError) as exc:
+            # sysv_ipc reports EINVAL (size above kernel.shmmax) as ValueError,
+            # ENOMEM as MemoryError and ENOSPC (kernel.shmall, shmmni) as OSError.
+            if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.ENOMEM, None):
+                raise
+            raise no_space(
+                f"{self.storage} (the kernel refused: {exc})", size, None, _REMEDY
+            ) from None
+        try:
+            segment.mode = 0o600
+            segment.detach()
+            segment.attach()
+            attachment = SysVAttachment(segment)
+        except BaseException:
+            try:
+                segment.remove()
+            except sysv_ipc.Error:
+                pass
+            raise
+        return attachment
+
+    def _open(self, ident: str, writable: bool) -> _Segment:
+        key = _signed(key_for(ident))
+        try:
+            return _Segment(key, 0, mode=0o600 if writable else 0o400)
+        except sysv_ipc.ExistentialError:
+            raise FileNotFoundError(
+                errno.ENOENT, "No such System V shared memory segment", self.qualified(ident)
+            ) from None
+        except sysv_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, str(exc), self.qualified(ident)) from None
+
+    def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
+        return SysVAttachment(self._open(ident, writable=True))
+
+    def unlink(self, ident: str) -> None:
+        segment = self._open(ident, writable=False)
+        try:
+            segment.remove()
+        except sysv_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EPERM, str(exc), self.qualified(ident)) from None
+        finally:
+            segment.detach()
+
+    def identity(self, ident: str) -> Optional[str]:
+        key = key_for(ident)
+        entries = _proc_segments()
+        if entries is not None:
+            for entry in entries:
+                if entry.key == key:
+                    return str(entry.shmid)
+            return None
+        try:
+            segment = self._open(ident, writable=False)
+        except (FileNotFoundError, PermissionError):
+            return None
+        try:
+            return str(segment.id)
+        finally:
+            segment.detach()
+
+    def destroy(self, ident: str, identity: Optional[str]) -> bool:
+        if identity is None:
+            return super().destroy(ident, identity)
+        entries = _proc_segments()
+        if entries is not None:
+            key = key_for(ident)
+            if not any(e.shmid == int(identity) and e.key == key for e in entries):
+                return False
+        try:
+            sysv_ipc.remove_shared_memory(int(identity))
+        except sysv_ipc.Error:
+            return False
+        return True
+
+    def list(self) -> list[SegmentInfo]:
+        found = []
+        for e in _proc_segments() or []:
+            if e.key == 0:  # IPC_PRIVATE, or already removed: not nameable
+                continue
+            found.append(
+                SegmentInfo(
+                    name=f"{self.name}:0x{e.key:08x}",
+                    backend=self.name,
+                    size=e.size,
+                    uid=e.uid,
+                    mode=e.mode & 0o777,
+                    creator_pid=e.cpid,
+                    attached=e.nattch,
+                    ctime=float(e.ctime),
+                    extra={"shmid": e.shmid},
+                )
+            )
+        return found
+
+    def available(self) -> Optional[str]:
+        if not sys.platform.startswith(("linux", "freebsd", "darwin")):
+            return f"System V shared memory is not supported on {sys.platform}"
+        shmmax = _read_int("/proc/sys/kernel/shmmax")
+        if shmmax is not None and shmmax < 4096:
+            return f"kernel.shmmax is {format_size(shmmax)}: too small for any segment"
+        return None

@@ -1,0 +1,561 @@
+"""``SharedMemory`` and ``ShareableList``: the standard library's, on any backend.
+
+Both behave like :mod:`multiprocessing.shared_memory` (Python 3.13) in every
+observable way, with the storage chosen by ``backend=`` or by the name's
+scheme, and with the standard library's known bugs fixed (each fix is named
+in the docstrings below).
+"""
+
+from __future__ import annotations
+
+import errno
+import operator
+import struct
+import types
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, TypeVar
+
+from . import backends, tracking
+from .backends import Attachment, Backend
+
+__all__ = ["ShareableList", "SharedMemory"]
+
+_T = TypeVar("_T", bound="SharedMemory")
+
+
+def _check_size(size: Any) -> int:
+    try:
+        value = operator.index(size)
+    except TypeError:
+        raise TypeError(
+            f"'size' must be an integer number of bytes, not {type(size).__name__}"
+        ) from None
+    if value < 0:
+        raise ValueError("'size' must be a positive integer")
+    return value
+
+
+class SharedMemory:
+    """Create a new shared memory segment or attach to an existing one.
+
+    A drop-in for :class:`multiprocessing.shared_memory.SharedMemory`: same
+    arguments (plus ``backend=`` and backend options such as ``dir=`` for
+    ``mmap``), attributes (``name``, ``size``, ``buf``), methods (``close``,
+    ``unlink``), exceptions, ``repr`` and pickling. It is also a context
+    manager that closes (not unlinks) on exit.
+
+    Who destroys a segment:
+
+    * ``unlink()`` destroys its name; memory already mapped stays valid until
+      every process has closed it. Call it once, from any process.
+    * ``track=True`` (the default), on creation: if nobody unlinked the
+      segment, it is destroyed once the program that created it is over
+      (its main process and every process it started have ended), however
+      they ended, SIGKILL included. No warning is printed when that happens.
+      ``track=False``: the segment stays until someone unlinks it.
+    * A process that only *attaches* never destroys the segment, whatever
+      ``track`` says, at exit or otherwise. (The standard library before 3.13
+      destroyed segments when a process that merely attached exited,
+      CPython gh-82300.)
+
+    Differences from the standard library, all fixes:
+
+    * A segment its storage cannot hold fails at creation with
+      ``OSError(ENOSPC)`` naming the storage, the size asked and the space
+      free, and leaves nothing behind, instead of a SIGBUS at first write.
+    * An attach that fails never unlinks or changes anything (the standard
+      library unlinks the segment when mapping it fails).
+    * ``close()`` never raises BufferError: memory that views (NumPy arrays,
+      memoryviews) still use stays mapped until the last of them is gone.
+    * ``size`` accepts any integer-like value (NumPy integers too), and
+      ``len(buf) == size`` exactly on every backend.
+
+    Names: ``name`` is returned as given. Generated names are ``psm_<hex>``
+    (posix, bare like the standard library's), ``sysv:0x<key>`` and
+    ``mmap:<absolute path>``; a bare name belongs to the default backend.
+    """
+
+    # Harmless defaults, so that close() and unlink() work on a half-built object.
+    _name: Optional[str] = None
+    _ident: Optional[str] = None
+    _backend: Optional[Backend] = None
+    _attachment: Optional[Attachment] = None
+    _buf: Optional[memoryview] = None
+    _size: int = 0
+    _track: bool = True
+    _created: bool = False
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        create: bool = False,
+        size: int = 0,
+        *,
+        track: bool = True,
+        backend: Optional[str] = None,
+        **options: Any,
+    ) -> None:
+        size = _check_size(size)
+        if create and size == 0:
+            raise ValueError("'size' must be a positive number different from zero")
+        if name is None and not create:
+            raise ValueError("'name' can only be None if create=True")
+        chosen, ident = backends.resolve(name, backend, options)
+        self._backend = chosen
+        self._track = bool(track)
+        if not create:
+            assert ident is not None
+            self._attachment = chosen.attach(ident, options)
+        elif ident is not None:
+            self._attachment = chosen.create(ident, size, options)
+            if track:
+                tracking.register(
+                    chosen.name, type(chosen).__module__, ident, self._attachment.identity
+                )
+        else:
+            self._attachment, ident = self._create_generated(chosen, size, options)
+        self._created = bool(create)
+        self._ident = ident
+        self._name = name if name is not None else chosen.qualified(ident)
+        self._size = self._attachment.size
+        self._buf = self._attachment.buf
+
+    def _create_generated(
+        self, chosen: Backend, size: int, options: dict[str, Any]
+    ) -> tuple[Attachment, str]:
+        module = type(chosen).__module__
+        while True:
+            ident = chosen.generate(options)
+            if self._track:
+                # Registered before it exists, so that a kill during creation
+                # cannot leak it (the name is random: nobody else has it).
+                tracking.register(chosen.name, module, ident, None)
+            try:
+                attachment = chosen.create(ident, size, options)
+            except FileExistsError:
+                if self._track:
+                    tracking.unregister(chosen.name, ident)
+                continue
+            except BaseException:
+                if self._track:
+                    tracking.unregister(chosen.name, ident)
+                raise
+            if self._track and attachment.identity is not None:
+                tracking.register(chosen.name, module, ident, attachment.identity)
+            return attachment, ident
+
+    @classmethod
+    def _from_handle(cls: type[_T], backend: str, ident: str, name: str, size: int) -> _T:
+        chosen = backends.get(backend)
+        self = cls.__new__(cls)
+        try:
+            attachment = chosen.attach(ident, {})
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f"The shared memory segment {name!r} ({backend} backend) of a pickled "
+                "handle no longer exists: it was unlinked, or the program that "
+                "created it ended",
+                name,
+            ) from exc
+        if attachment.size != size:
+            attachment.close()
+            raise ValueError(
+                f"the shared memory segment {name!r} has {attachment.size} bytes but the "
+                f"pickled handle says {size}: the name now refers to another segment"
+            )
+        self._backend = chosen
+        self._ident = ident
+        self._name = name
+        self._attachment = attachment
+        self._size = attachment.size
+        self._buf = attachment.buf
+        self._track = False
+        return self
+
+    def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+        if self._backend is None or self._ident is None:
+            raise ValueError("cannot pickle a SharedMemory that was never opened")
+        return (
+            _rebuild,
+            (type(self), self._backend.name, self._ident, self.name, self.size),
+        )
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.name!r}, size={self.size})"
+
+    def __enter__(self: _T) -> _T:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def buf(self) -> memoryview:
+        """A writable memoryview of the segment's contents (None once closed)."""
+        return self._buf  # type: ignore[return-value]
+
+    @property
+    def name(self) -> str:
+        """The name that re-attaches to this segment from another process."""
+        return self._name  # type: ignore[return-value]
+
+    @property
+    def size(self) -> int:
+        """Size in bytes, exactly as created."""
+        return self._size
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend that holds this segment."""
+        return self._backend.name if self._backend is not None else ""
+
+    def close(self) -> None:
+        """Close this process's access to the segment; does not destroy it.
+
+        Views of ``buf`` made before (NumPy arrays, memoryviews) stay valid:
+        the memory is unmapped when the last of them is released.
+        """
+        self._buf = None
+        attachment, self._attachment = self._attachment, None
+        if attachment is not None:
+            attachment.close()
+
+    def unlink(self) -> None:
+        """Destroy the segment's name, so no new process can attach to it.
+
+        Call it once, from any one process. Memory already mapped stays valid
+        until closed everywhere. Raises FileNotFoundError if it is already
+        gone.
+        """
+        if self._backend is None or self._ident is None:
+            return
+        try:
+            self._backend.unlink(self._ident)
+        finally:
+            tracking.unregister(self._backend.name, self._ident)
+
+
+def _rebuild(
+    cls: type[SharedMemory], backend: str, ident: str, name: str, size: int
+) -> SharedMemory:
+    """Unpickle a :class:`SharedMemory` handle by attaching to its segment."""
+    return cls._from_handle(backend, ident, name, size)
+
+
+# --------------------------------------------------------------------------
+# ShareableList
+
+_encoding = "utf8"
+
+
+class _UnsupportedType(TypeError, KeyError):
+    """Raised for a value ShareableList cannot store (also a KeyError, as in
+    the standard library)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _exact_format(length: int) -> str:
+    """The packing format of a str/bytes value of exactly *length* bytes.
+
+    ``"<n>sx"``: the value, then one pad byte. The standard library reads it
+    as an ``n``-byte string (the pad byte has no value), so a reader of
+    either kind gets the value without padding; the trailing ``x`` also tells
+    the standard library's ``__setitem__`` to write a fresh format of its own
+    instead of reusing this one. Values of a million bytes and more do not
+    fit that in 8 characters and are written as ``"<n>s"``.
+    """
+    fmt = f"{length}sx"
+    return fmt if len(fmt) <= 8 else f"{length}s"
+
+
+class ShareableList:
+    """A fixed-length list of ``int``, ``float``, ``bool``, ``str``, ``bytes``
+    and ``None`` stored in one shared memory segment.
+
+    A drop-in for :class:`multiprocessing.shared_memory.ShareableList`, on any
+    backend (``backend=``), with the same byte layout, so a POSIX list is
+    readable and writable by either implementation. Fixed here:
+
+    * ``str`` and ``bytes`` values round-trip exactly: trailing NUL bytes are
+      kept (the standard library strips them, CPython gh-106939) and
+      multi-byte UTF-8 strings get room for their encoded size (the
+      standard library sizes by characters and truncates, CPython gh-88336,
+      gh-96779).
+    * A value larger than the layout can describe (10 MB and up) raises
+      ValueError at creation instead of writing a list nobody can read.
+
+    Lists written by the standard library are read as it reads them
+    (padding stripped), since their layout does not record exact lengths.
+    """
+
+    _types_mapping: ClassVar[dict[type, str]] = {
+        int: "q",
+        float: "d",
+        bool: "xxxxxxx?",
+        str: "%ds",
+        bytes: "%ds",
+        type(None): "xxxxxx?x",
+    }
+    _alignment = 8
+    _back_transforms_mapping: ClassVar[dict[int, Callable[[Any], Any]]] = {
+        0: lambda value: value,
+        1: lambda value: value.decode(_encoding),
+        2: lambda value: value,
+        3: lambda _value: None,
+    }
+
+    shm: SharedMemory
+    _list_len: int
+    _allocated_offsets: list[int]
+
+    @staticmethod
+    def _extract_recreation_code(value: Any) -> int:
+        if not isinstance(value, (str, bytes, type(None))):
+            return 0
+        if isinstance(value, str):
+            return 1
+        if isinstance(value, bytes):
+            return 2
+        return 3
+
+    @classmethod
+    def _format_for(cls, value: Any) -> str:
+        kind = type(value)
+        if kind not in cls._types_mapping:
+            raise _UnsupportedType(
+                f"ShareableList cannot store a value of type {kind.__name__}: "
+                "supported types are int, float, bool, str, bytes and None"
+            )
+        if isinstance(value, (str, bytes)):
+            encoded = value.encode(_encoding) if isinstance(value, str) else value
+            if len(encoded) >= 10_000_000:
+                raise ValueError(
+                    f"a {kind.__name__} of {len(encoded)} bytes is too large for a "
+                    "ShareableList (the layout records at most 9999999 bytes per item); "
+                    "store it in a SharedMemory segment instead"
+                )
+            return _exact_format(len(encoded))
+        return cls._types_mapping[kind]
+
+    @classmethod
+    def _allocation(cls, value: Any) -> int:
+        if isinstance(value, (str, bytes)):
+            encoded = value.encode(_encoding) if isinstance(value, str) else value
+            return cls._alignment * (len(encoded) // cls._alignment + 1)
+        return cls._alignment
+
+    def __init__(
+        self,
+        sequence: Optional[Iterable[Any]] = None,
+        *,
+        name: Optional[str] = None,
+        backend: Optional[str] = None,
+    ) -> None:
+        if name is None or sequence is not None:
+            items = list(sequence or ())
+            formats = [self._format_for(item) for item in items]
+            self._list_len = len(items)
+            offset = 0
+            self._allocated_offsets = [0]
+            for item in items:
+                offset += self._allocation(item)
+                self._allocated_offsets.append(offset)
+            requested_size = 8 * (self._list_len + 2) + offset + 8 * self._list_len + self._list_len
+            self.shm = SharedMemory(name, create=True, size=requested_size, backend=backend)
+            buf = self.shm.buf
+            struct.pack_into(
+                "q" + self._format_size_metainfo,
+                buf,
+                0,
+                self._list_len,
+                *self._allocated_offsets,
+            )
+            for position, item in enumerate(items):
+                struct.pack_into(
+                    formats[position],
+                    buf,
+                    self._offset_data_start + self._allocated_offsets[position],
+                    item.encode(_encoding) if isinstance(item, str) else item,
+                )
+            struct.pack_into(
+                self._format_packing_metainfo,
+                buf,
+                self._offset_packing_formats,
+                *(fmt.encode(_encoding) for fmt in formats),
+            )
+            struct.pack_into(
+                self._format_back_transform_codes,
+                buf,
+                self._offset_back_transform_codes,
+                *(self._extract_recreation_code(item) for item in items),
+            )
+        else:
+            self.shm = SharedMemory(name, backend=backend)
+            self._list_len = len(self)
+            if not 0 <= self._list_len <= (self.shm.size - 16) // 25:
+                self.shm.close()
+                raise ValueError(
+                    f"the segment {name!r} does not hold a ShareableList "
+                    f"(its header says {self._list_len} items in {self.shm.size} bytes)"
+                )
+            self._allocated_offsets = list(
+                struct.unpack_from(self._format_size_metainfo, self.shm.buf, 8)
+            )
+
+    # -- layout ---------------------------------------------------------------
+
+    @property
+    def _format_size_metainfo(self) -> str:
+        return "q" * (self._list_len + 1)
+
+    @property
+    def _format_packing_metainfo(self) -> str:
+        return "8s" * self._list_len
+
+    @property
+    def _format_back_transform_codes(self) -> str:
+        return "b" * self._list_len
+
+    @property
+    def _offset_data_start(self) -> int:
+        return (self._list_len + 2) * 8
+
+    @property
+    def _offset_packing_formats(self) -> int:
+        return self._offset_data_start + self._allocated_offsets[-1]
+
+    @property
+    def _offset_back_transform_codes(self) -> int:
+        return self._offset_packing_formats + self._list_len * 8
+
+    def _position(self, position: int, message: str) -> int:
+        position = operator.index(position)
+        if position < 0:
+            position += self._list_len
+        if not 0 <= position < self._list_len:
+            raise IndexError(message)
+        return position
+
+    def _get_packing_format(self, position: int) -> str:
+        raw = struct.unpack_from("8s", self.shm.buf, self._offset_packing_formats + position * 8)[0]
+        return str(raw.rstrip(b"\x00").decode(_encoding))
+
+    def _get_back_transform(self, position: int) -> Callable[[Any], Any]:
+        code = struct.unpack_from("b", self.shm.buf, self._offset_back_transform_codes + position)[
+            0
+        ]
+        try:
+            return self._back_transforms_mapping[code]
+        except KeyError:
+            raise ValueError(
+                f"item {position} of {self.shm.name!r} has an unknown type code {code}: "
+                "the segment is not a ShareableList or is corrupted"
+            ) from None
+
+    def _set_packing_format_and_transform(self, position: int, fmt: str, value: Any) -> None:
+        struct.pack_into(
+            "8s",
+            self.shm.buf,
+            self._offset_packing_formats + position * 8,
+            fmt.encode(_encoding),
+        )
+        struct.pack_into(
+            "b",
+            self.shm.buf,
+            self._offset_back_transform_codes + position,
+            self._extract_recreation_code(value),
+        )
+
+    # -- list protocol ----------------------------------------------------------
+
+    def __getitem__(self, position: int) -> Any:
+        position = self._position(position, "index out of range")
+        fmt = self._get_packing_format(position)
+        offset = self._offset_data_start + self._allocated_offsets[position]
+        (value,) = struct.unpack_from(fmt, self.shm.buf, offset)
+        if fmt.endswith("s"):
+            slot = self._allocated_offsets[position + 1] - self._allocated_offsets[position]
+            if struct.calcsize(fmt) >= slot:
+                # Written by the standard library: padded to the slot, with no
+                # record of the exact length. Read it the way it does.
+                value = value.rstrip(b"\x00")
+        return self._get_back_transform(position)(value)
+
+    def __setitem__(self, position: int, value: Any) -> None:
+        position = self._position(position, "assignment index out of range")
+        fmt = self._format_for(value)
+        if isinstance(value, (str, bytes)):
+            encoded = value.encode(_encoding) if isinstance(value, str) else value
+            allocated = self._allocated_offsets[position + 1] - self._allocated_offsets[position]
+            if len(encoded) > allocated:
+                raise ValueError(
+                    f"bytes/str item exceeds available storage: item {position} has room "
+                    f"for {allocated} bytes, the new value needs {len(encoded)}"
+                )
+            if struct.calcsize(fmt) > allocated:
+                # Fills the slot exactly: the standard library's own format,
+                # which readers strip of trailing NULs, so refuse to lose them.
+                if encoded.endswith(b"\x00"):
+                    raise ValueError(
+                        f"bytes/str item exceeds available storage: item {position} has "
+                        f"room for {allocated} bytes, and a value of that length that "
+                        "ends with NUL bytes would read back without them"
+                    )
+                fmt = f"{allocated}s"
+            packed: Any = encoded
+        else:
+            packed = value
+        offset = self._offset_data_start + self._allocated_offsets[position]
+        self._set_packing_format_and_transform(position, fmt, value)
+        struct.pack_into(fmt, self.shm.buf, offset, packed)
+
+    def __len__(self) -> int:
+        return int(struct.unpack_from("q", self.shm.buf, 0)[0])
+
+    def __iter__(self) -> Iterator[Any]:
+        for position in range(self._list_len):
+            yield self[position]
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_list, (type(self), self.shm))
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({list(self)}, name={self.shm.name!r})"
+
+    @property
+    def format(self) -> str:
+        """The struct packing format used by all currently stored items."""
+        return "".join(self._get_packing_format(i) for i in range(self._list_len))
+
+    def count(self, value: Any) -> int:
+        """L.count(value) -> integer -- return number of occurrences of value."""
+        return sum(value == entry for entry in self)
+
+    def index(self, value: Any) -> int:
+        """L.index(value) -> integer -- return first index of value.
+
+        Raises ValueError if the value is not present.
+        """
+        for position, entry in enumerate(self):
+            if value == entry:
+                return position
+        raise ValueError(f"{value!r} not in this container")
+
+    __class_getitem__ = classmethod(types.GenericAlias)  # type: ignore[var-annotated]
+
+
+def _rebuild_list(cls: type[ShareableList], shm: SharedMemory) -> ShareableList:
+    """Unpickle a :class:`ShareableList` from the handle of its segment."""
+    self = cls.__new__(cls)
+    self.shm = shm
+    self._list_len = len(self)
+    self._allocated_offsets = list(struct.unpack_from(self._format_size_metainfo, shm.buf, 8))
+    return self

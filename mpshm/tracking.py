@@ -1,0 +1,239 @@
+"""Who owns what: destroying tracked segments once their program is over.
+
+A segment created with ``track=True`` (the default) is registered with the
+*tracker* of the program that made it: one small process per program,
+started on the first tracked creation. The tracker destroys every segment
+still registered once the program is over, that is when the process that
+started the tracker and every process that descends from it have ended,
+however they ended (SIGKILL included). ``unlink()`` unregisters.
+
+How the tracker knows the program is over:
+
+* the process that starts it holds one end of a socket pair; processes
+  forked from it inherit that end, so the tracker sees end-of-file only when
+  all of them are gone;
+* processes started with ``spawn``/``forkserver``/``subprocess`` find the
+  tracker through the ``MPSHM_TRACKER`` environment variable and connect
+  when they create or unlink a tracked segment;
+* when no connection is left, the tracker looks for living processes that
+  still carry its ``MPSHM_TRACKER`` value in their environment (spawned
+  children that never connected) and waits for them too;
+* a ``multiprocessing`` child that starts a tracker of its own (its parent
+  had none yet) also waits for that parent.
+
+Nothing here touches ``multiprocessing``'s resource tracker. Processes that
+only attach never register anything, so they never destroy a segment
+(CPython gh-82300). Before destroying, the tracker checks that the name
+still refers to the object that was registered (inode, SysV id), so a name
+that someone else reused meanwhile is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import threading
+import warnings
+from typing import Any, Optional
+
+__all__ = ["ENV_VAR", "register", "tracked", "tracker_pid", "unregister"]
+
+#: Environment variable naming the tracker of this program.
+ENV_VAR = "MPSHM_TRACKER"
+
+_SOCK_TYPE = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_STREAM)
+_BUILTIN_MODULES = ("mpshm.backends.",)
+
+
+def _address_to_env(address: str) -> str:
+    return address[1:] if address.startswith("\0") else address
+
+
+def _address_from_env(value: str) -> str:
+    return value if value.startswith("/") else "\0" + value
+
+
+class _Client:
+    """This process's connection to its program's tracker."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: Optional[socket.socket] = None
+        self._pid: Optional[int] = None
+        # Registrations made by this process: (backend, ident) -> message.
+        self._held: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def _after_fork(self) -> None:
+        # The inherited socket still reaches the parent's tracker (sharing it
+        # is what keeps the tracker waiting for us). Our registrations start
+        # empty: the parent's belong to the parent.
+        self._lock = threading.Lock()
+        self._held = {}
+        self._pid = None
+
+    def _connect_env(self) -> Optional[socket.socket]:
+        value = os.environ.get(ENV_VAR)
+        if not value:
+            return None
+        sock = socket.socket(socket.AF_UNIX, _SOCK_TYPE)
+        try:
+            sock.connect(_address_from_env(value))
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, _SOCK_TYPE)
+        listener = socket.socket(socket.AF_UNIX, _SOCK_TYPE)
+        token = secrets.token_hex(12)
+        if sys.platform.startswith("linux"):
+            address = f"\0mpshm-tracker-{os.getuid()}-{token}"
+        else:  # no abstract sockets: a path in the private directory
+            from .backends.mmapfile import check_dir, default_dir
+
+            run = os.path.join(default_dir(), ".run")
+            check_dir(run, create=True)
+            address = os.path.join(run, f"tracker-{token}")
+        try:
+            listener.bind(address)
+            listener.listen(128)
+            env = dict(os.environ)
+            env[ENV_VAR] = _address_to_env(address)
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+            argv = [
+                sys.executable,
+                "-m",
+                "mpshm._tracker",
+                str(theirs.fileno()),
+                str(listener.fileno()),
+            ]
+            parent = multiprocessing.parent_process()
+            if parent is not None and parent.pid is not None:
+                argv.append(str(parent.pid))
+            # Through sh, so that the tracker is not our child: it outlives us
+            # without a zombie or a "subprocess still running" warning.
+            launcher = subprocess.run(
+                ["/bin/sh", "-c", '"$@" </dev/null >/dev/null 2>&1 & echo $!', "sh", *argv],
+                pass_fds=(theirs.fileno(), listener.fileno()),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env=env,
+                check=True,
+            )
+            self._pid = int(launcher.stdout.split()[0])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+            listener.close()
+        os.environ[ENV_VAR] = _address_to_env(address)
+        return ours
+
+    def _socket(self, start: bool) -> Optional[socket.socket]:
+        if self._sock is None:
+            self._sock = self._connect_env()
+        if self._sock is None and start:
+            self._sock = self._start()
+        return self._sock
+
+    def _send_locked(self, message: dict[str, Any], start: bool) -> bool:
+        data = json.dumps(message).encode()
+        for attempt in range(2):
+            sock = self._socket(start=start or attempt > 0)
+            if sock is None:
+                return False
+            try:
+                sock.sendall(data, getattr(socket, "MSG_NOSIGNAL", 0))
+                return True
+            except OSError:
+                # The tracker is gone (killed?): start a new one and give it
+                # everything this process holds.
+                sock.close()
+                self._sock = None
+                if not start:
+                    return False
+                fresh = self._socket(start=True)
+                assert fresh is not None
+                for held in self._held.values():
+                    if held is not message:
+                        fresh.sendall(json.dumps(held).encode(), getattr(socket, "MSG_NOSIGNAL", 0))
+        return False
+
+    def register(self, backend: str, module: str, ident: str, identity: Optional[str]) -> None:
+        message: dict[str, Any] = {
+            "op": "reg",
+            "b": backend,
+            "i": ident,
+            "id": identity,
+            "pid": os.getpid(),
+        }
+        if not module.startswith(_BUILTIN_MODULES):
+            message["m"] = module
+        with self._lock:
+            self._held[(backend, ident)] = message
+            try:
+                self._send_locked(message, start=True)
+            except OSError as exc:
+                warnings.warn(
+                    f"mpshm could not reach its segment tracker ({exc}); the segment "
+                    f"{ident!r} will not be destroyed automatically",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+
+    def unregister(self, backend: str, ident: str) -> None:
+        with self._lock:
+            self._held.pop((backend, ident), None)
+            try:
+                self._send_locked({"op": "unreg", "b": backend, "i": ident}, start=False)
+            except OSError:
+                pass
+
+    def tracked(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._held)
+
+    def pid(self) -> Optional[int]:
+        return self._pid
+
+
+_client = _Client()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_client._after_fork)
+
+
+def register(backend: str, module: str, ident: str, identity: Optional[str] = None) -> None:
+    """Register a segment this process created with its program's tracker.
+
+    *backend* is the backend's registered name, *module* the module that
+    registers it (imported by the tracker for third-party backends), *ident*
+    the canonical identifier and *identity* what
+    :meth:`~mpshm.backends.Backend.identity` returned right after creation
+    (None if not known yet). Registering the same segment again updates it.
+    """
+    _client.register(backend, module, ident, identity)
+
+
+def unregister(backend: str, ident: str) -> None:
+    """Tell the tracker that a segment was unlinked; it will not destroy it."""
+    _client.unregister(backend, ident)
+
+
+def tracked() -> list[tuple[str, str]]:
+    """The ``(backend, ident)`` pairs this process registered and not unlinked."""
+    return _client.tracked()
+
+
+def tracker_pid() -> Optional[int]:
+    """Pid of the tracker this process started, or None if it started none."""
+    return _client.pid()

@@ -1,0 +1,128 @@
+"""Helpers for the tests, importable by child processes under every start method."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any, Callable, Optional
+
+import mpshm
+
+BACKENDS = ["posix", "sysv", "mmap"]
+START_METHODS = [
+    m for m in ("fork", "spawn", "forkserver") if m in multiprocessing.get_all_start_methods()
+]
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unique(prefix: str = "t") -> str:
+    """A name no other test uses."""
+    return f"{prefix}_{os.urandom(8).hex()}"
+
+
+def exists(name: str) -> bool:
+    """Whether the segment called *name* can be attached."""
+    try:
+        shm = mpshm.SharedMemory(name)
+    except FileNotFoundError:
+        return False
+    shm.close()
+    return True
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> float:
+    """Poll *predicate* until true; return the seconds it took, or raise."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+def run_script(code: str, timeout: float = 60, env: Optional[dict[str, str]] = None,
+               **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run *code* in a fresh interpreter (a separate program), capture output."""
+    full_env = dict(os.environ)
+    full_env.pop("MPSHM_TRACKER", None)  # a program of its own, with its own tracker
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (ROOT, os.path.join(ROOT, "tests"), full_env.get("PYTHONPATH")) if p
+    )
+    if env:
+        full_env.update(env)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=timeout, env=full_env, **kwargs,
+    )
+
+
+def popen_script(code: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen[str]:
+    """Start *code* in a fresh interpreter with stdout piped (line-buffered)."""
+    full_env = dict(os.environ)
+    full_env.pop("MPSHM_TRACKER", None)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (ROOT, os.path.join(ROOT, "tests"), full_env.get("PYTHONPATH")) if p
+    )
+    full_env["PYTHONUNBUFFERED"] = "1"
+    if env:
+        full_env.update(env)
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+    )
+
+
+# -- child-process targets (module level, so spawn and forkserver find them) --
+
+
+def child_write(name: str, data: bytes, offset: int = 0) -> None:
+    shm = mpshm.SharedMemory(name)
+    shm.buf[offset:offset + len(data)] = data
+    shm.close()
+
+
+def child_read(name: str, length: int, queue: Any) -> None:
+    shm = mpshm.SharedMemory(name)
+    queue.put((bytes(shm.buf[:length]), shm.size, len(shm.buf)))
+    shm.close()
+
+
+def child_attach_and_exit(name: str) -> None:
+    """Attach and exit without closing: must never destroy the segment."""
+    shm = mpshm.SharedMemory(name, track=True)
+    shm.buf[0] = 7
+
+
+def child_create(backend: str, size: int, track: bool, queue: Any) -> None:
+    shm = mpshm.SharedMemory(create=True, size=size, backend=backend, track=track)
+    shm.buf[:3] = b"abc"
+    queue.put(shm.name)
+    shm.close()
+
+
+def child_unpickle(shm: mpshm.SharedMemory, queue: Any) -> None:
+    shm.buf[1] = 42
+    queue.put((shm.name, shm.size, bytes(shm.buf[:4])))
+    shm.close()
+
+
+def child_unlink(name: str) -> None:
+    mpshm.SharedMemory(name).unlink()
+
+
+def child_list_read(sl: mpshm.ShareableList, queue: Any) -> None:
+    queue.put(list(sl))
+    sl[0] = "changed"
+    sl.shm.close()
+
+
+def hold_segment(name: str, ready: Any) -> None:
+    """Attach, signal readiness, and keep the segment mapped for a long time."""
+    shm = mpshm.SharedMemory(name)
+    ready.set()
+    time.sleep(120)
+    shm.close()

@@ -1,0 +1,64 @@
+"""Every script in examples/ runs cleanly and leaves no segment behind.
+
+Each example runs as a program of its own. It must exit 0 with nothing on
+stderr, and every segment name it printed must be gone when it returns
+(checked at once, before any tracker could clean up after it: the examples
+unlink what they create). A new example is picked up automatically; it
+must print the names of the segments it creates.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT, exists
+
+EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.py")))
+
+# Segment names as the examples print them: generated POSIX names (mpshm's
+# psm_<16 hex>, the standard library's psm_<8 hex>), and qualified names.
+NAME = re.compile(
+    r"(?<![\w:])psm_[0-9a-f]+\b"
+    r"|\b(?:posix|sysv):[\w.+-]+"
+    r"|\bmmap:/[^\s'\"),]+"
+)
+
+
+def printed_names(output: str) -> set[str]:
+    """The segment names in *output*, qualified so they mean the same anywhere."""
+    names = set()
+    for match in NAME.finditer(output):
+        name = match.group(0)
+        names.add(name if ":" in name else f"posix:{name}")
+    return names
+
+
+def test_examples_found() -> None:
+    assert EXAMPLES, "no examples/*.py found"
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])
+def test_example(path: str) -> None:
+    env = dict(os.environ)
+    env.pop("MPSHM_TRACKER", None)  # a program of its own, with its own tracker
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
+    result = subprocess.run(
+        [sys.executable, path],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, f"exit code {result.returncode}\n{result.stderr}"
+    assert result.stderr == "", f"unexpected stderr:\n{result.stderr}"
+
+    names = printed_names(result.stdout)
+    assert names, f"the example printed no segment name:\n{result.stdout}"
+    left = sorted(name for name in names if exists(name))
+    assert not left, f"segment(s) left behind: {left}"

@@ -1,0 +1,258 @@
+"""track=True: segments nobody unlinked are destroyed once their program is over.
+
+Each test runs a separate program (a fresh interpreter, with a tracker of its
+own) and watches its segments from outside, including after SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from helpers import exists, popen_script, run_script, unique, wait_until
+
+import mpshm
+
+CLEANUP_LIMIT = 5.0  # seconds a tracker may take once the program is over
+
+
+def _read_line(proc) -> str:
+    line = proc.stdout.readline().strip()
+    if not line:
+        proc.kill()
+        raise AssertionError(f"program said nothing; stderr: {proc.stderr.read()}")
+    return line
+
+
+def _finish(proc) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_normal_exit_destroys_without_a_word(backend):
+    result = run_script(
+        f"""
+        import mpshm
+        shm = mpshm.SharedMemory(create=True, size=1 << 20, backend={backend!r})
+        shm.buf[:2] = b"hi"
+        named = mpshm.SharedMemory({unique()!r}, create=True, size=10, backend={backend!r})
+        print(shm.name)
+        print(named.name)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no resource-tracker style warnings
+    for name in result.stdout.split():
+        wait_until(lambda name=name: not exists(name), CLEANUP_LIMIT)
+
+
+def test_untracked_segment_survives_its_program(backend):
+    result = run_script(
+        f"""
+        import mpshm
+        shm = mpshm.SharedMemory(create=True, size=4096, backend={backend!r}, track=False)
+        shm.buf[:5] = b"keep!"
+        print(shm.name)
+        """
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    name = result.stdout.strip()
+    time.sleep(0.5)
+    try:
+        shm = mpshm.SharedMemory(name)
+        assert bytes(shm.buf[:5]) == b"keep!"
+        shm.close()
+    finally:
+        mpshm.SharedMemory(name).unlink()
+
+
+def test_unlinked_segment_is_not_touched_again(backend):
+    """A name unlinked and reused by someone else is left alone by the tracker."""
+    name = unique("reused")
+    qualified = name if backend == "posix" else f"{backend}:{name}"
+    proc = popen_script(
+        f"""
+        import sys, mpshm
+        shm = mpshm.SharedMemory({qualified!r}, create=True, size=64)
+        print(shm.name)
+        sys.stdin.readline() if False else None
+        import time; time.sleep(60)
+        """
+    )
+    try:
+        assert _read_line(proc) == qualified
+        old = mpshm.SharedMemory(qualified)
+        old.unlink()  # from outside the program
+        old.close()
+        new = mpshm.SharedMemory(qualified, create=True, size=128, track=False)
+        try:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            time.sleep(1.0)  # the tracker has run by now
+            assert exists(qualified)
+            assert mpshm.SharedMemory(qualified).size == 128
+        finally:
+            new.close()
+            new.unlink()
+    finally:
+        _finish(proc)
+
+
+def test_sigkill_of_the_program_destroys(backend):
+    proc = popen_script(
+        f"""
+        import time, mpshm
+        segments = [mpshm.SharedMemory(create=True, size=1 << 16, backend={backend!r})
+                    for _ in range(3)]
+        for shm in segments:
+            print(shm.name)
+        time.sleep(120)
+        """
+    )
+    try:
+        names = [_read_line(proc) for _ in range(3)]
+        assert all(exists(name) for name in names)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        took = wait_until(lambda: not any(exists(n) for n in names), CLEANUP_LIMIT)
+        print(f"cleanup after SIGKILL ({backend}): {took:.3f} s")
+    finally:
+        _finish(proc)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_program_is_over_only_when_its_children_are(backend, method):
+    """SIGKILL of the main process: the segment lives on while a child uses it."""
+    proc = popen_script(
+        f"""
+        import multiprocessing as mp, os, sys, time
+        import mpshm, helpers
+
+        def child(name, ready):
+            shm = mpshm.SharedMemory(name)
+            ready.set()
+            time.sleep(120)
+
+        if __name__ == "__main__":
+            ctx = mp.get_context({method!r})
+            shm = mpshm.SharedMemory(create=True, size=4096, backend={backend!r})
+            ready = ctx.Event()
+            p = ctx.Process(target=helpers.hold_segment, args=(shm.name, ready))
+            p.start()
+            ready.wait(60)
+            print(shm.name)
+            print(p.pid)
+            time.sleep(120)
+        """
+    )
+    try:
+        name = _read_line(proc)
+        child_pid = int(_read_line(proc))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        time.sleep(1.0)
+        assert exists(name), "destroyed while a child of the program still runs"
+        os.kill(child_pid, signal.SIGKILL)
+        took = wait_until(lambda: not exists(name), CLEANUP_LIMIT)
+        print(f"cleanup after the last child ({backend}, {method}): {took:.3f} s")
+    finally:
+        _finish(proc)
+        try:
+            os.kill(child_pid, signal.SIGKILL)
+        except (ProcessLookupError, UnboundLocalError):
+            pass
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_segments_created_in_children_are_destroyed_with_the_program(backend, method):
+    result = run_script(
+        f"""
+        import multiprocessing as mp
+        import helpers
+
+        if __name__ == "__main__":
+            ctx = mp.get_context({method!r})
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=helpers.child_create,
+                                 args=({backend!r}, 4096, True, queue)) for _ in range(2)]
+            for p in procs:
+                p.start()
+            names = [queue.get(timeout=60) for _ in procs]
+            for p in procs:
+                p.join(60)
+            import mpshm
+            for name in names:  # still there: the program is not over
+                mpshm.SharedMemory(name).close()
+                print(name)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    for name in result.stdout.split():
+        wait_until(lambda name=name: not exists(name), CLEANUP_LIMIT)
+
+
+def test_attach_only_program_never_destroys(make_shm):
+    shm = make_shm(size=64)
+    result = run_script(
+        f"""
+        import mpshm
+        shm = mpshm.SharedMemory({shm.name!r}, track=True)
+        shm.buf[0] = 1
+        """
+    )
+    assert result.returncode == 0 and result.stderr == ""
+    time.sleep(0.5)
+    assert exists(shm.name) and shm.buf[0] == 1
+
+
+def test_killed_tracker_is_replaced(backend):
+    proc = popen_script(
+        f"""
+        import os, signal, sys, time, mpshm
+        from mpshm import tracking
+        first = mpshm.SharedMemory(create=True, size=64, backend={backend!r})
+        print(first.name)
+        print(tracking.tracker_pid())
+        sys.stdin = open(0)
+        time.sleep(0.5)
+        second = mpshm.SharedMemory(create=True, size=64, backend={backend!r})
+        print(second.name)
+        time.sleep(120)
+        """
+    )
+    try:
+        first = _read_line(proc)
+        tracker = int(_read_line(proc))
+        os.kill(tracker, signal.SIGKILL)
+        second = _read_line(proc)
+        assert exists(first) and exists(second)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_until(lambda: not exists(first) and not exists(second), CLEANUP_LIMIT)
+    finally:
+        _finish(proc)
+
+
+def test_sigint_in_the_program_still_cleans_up(backend):
+    proc = popen_script(
+        f"""
+        import time, mpshm
+        shm = mpshm.SharedMemory(create=True, size=64, backend={backend!r})
+        print(shm.name)
+        time.sleep(120)
+        """
+    )
+    try:
+        name = _read_line(proc)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(10)
+        assert "KeyboardInterrupt" in proc.stderr.read()
+        wait_until(lambda: not exists(name), CLEANUP_LIMIT)
+    finally:
+        _finish(proc)
