@@ -9,14 +9,15 @@ registered, and exits. It writes nothing to stdout or stderr.
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import select
+import selectors
 import signal
 import socket
 import struct
 import sys
 from typing import Any, Optional
+
+from . import _protocol
 
 _POLL = 0.05
 
@@ -85,7 +86,7 @@ class Tracker:
 
     def __init__(self, conn: socket.socket, listener: socket.socket, parent: Optional[int]) -> None:
         self.listener = listener
-        self.conns: set[socket.socket] = {conn}
+        self.conns: dict[socket.socket, _protocol.Decoder] = {conn: _protocol.Decoder()}
         self.entries: dict[tuple[str, str], dict[str, Any]] = {}
         self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
         self.watched: dict[int, str] = {}
@@ -94,16 +95,13 @@ class Tracker:
             if start is not None:
                 self.watched[parent] = start
 
-    def handle(self, data: bytes) -> None:
-        for line in data.splitlines():
-            try:
-                msg = json.loads(line)
-                key = (str(msg["b"]), str(msg["i"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-            if msg.get("op") == "reg":
+    def handle(self, messages: list[dict[str, Any]]) -> None:
+        """Apply register/unregister messages."""
+        for msg in messages:
+            key = (msg["b"], msg["i"])
+            if msg["op"] == "reg":
                 self.entries[key] = msg
-            elif msg.get("op") == "unreg":
+            elif msg["op"] == "unreg":
                 self.entries.pop(key, None)
 
     def still_running(self) -> bool:
@@ -118,34 +116,48 @@ class Tracker:
         self.watched = _carriers(self.needle)
         return bool(self.watched)
 
+    def _accept(self, selector: selectors.BaseSelector) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except OSError:
+            return
+        if _peer_uid(conn) != os.getuid():  # only our own user may talk to us
+            conn.close()
+            return
+        self.conns[conn] = _protocol.Decoder()
+        selector.register(conn, selectors.EVENT_READ)
+
+    def _receive(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
+        decoder = self.conns[conn]
+        while True:  # drain what is queued, one packet (or chunk) at a time
+            try:
+                data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                break
+            self.handle(decoder.feed(data))
+        selector.unregister(conn)
+        del self.conns[conn]
+        conn.close()
+
     def run(self) -> None:
-        while True:
-            timeout = None if self.conns and not self.watched else _POLL
-            readable, _, _ = select.select([self.listener, *self.conns], [], [], timeout)
-            for sock in readable:
-                if sock is self.listener:
-                    try:
-                        conn, _ = self.listener.accept()
-                    except OSError:
-                        continue
-                    if _peer_uid(conn) != os.getuid():
-                        conn.close()
+        """Serve until the program is over."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self.listener, selectors.EVENT_READ)
+            for conn in self.conns:
+                selector.register(conn, selectors.EVENT_READ)
+            while True:
+                timeout = None if self.conns and not self.watched else _POLL
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self.listener:
+                        self._accept(selector)
                     else:
-                        self.conns.add(conn)
-                    continue
-                try:
-                    data = sock.recv(1 << 16)
-                except OSError:
-                    data = b""
-                if data:
-                    self.handle(data)
-                else:
-                    self.conns.discard(sock)
-                    sock.close()
-            if not self.conns and not self.still_running():
-                # Accept what arrived in the meantime before deciding.
-                ready, _, _ = select.select([self.listener], [], [], 0)
-                if not ready:
+                        self._receive(selector, key.fileobj)  # type: ignore[arg-type]
+                # Before deciding, take in whoever connected meanwhile.
+                if not self.conns and not self.still_running() and not selector.select(0):
                     return
 
     def cleanup(self) -> None:
@@ -154,11 +166,22 @@ class Tracker:
         for (backend_name, ident), msg in list(self.entries.items()):
             try:
                 if msg.get("m") and backend_name not in backends.registry:
-                    importlib.import_module(str(msg["m"]))
+                    _load_backend(backends, backend_name, str(msg["m"]), msg.get("p") or [])
                 backend = backends.get(backend_name)
                 backend.destroy(ident, msg.get("id"))
             except Exception:
                 continue
+
+
+def _load_backend(backends: Any, name: str, spec: str, path: list[str]) -> None:
+    """Make a third-party backend known here, as the registering process had it."""
+    for entry in path:
+        if entry not in sys.path:
+            sys.path.append(entry)
+    module_name, _, qualname = spec.partition(":")
+    importlib.import_module(module_name)  # may register the backend itself
+    if name not in backends.registry and qualname and "<locals>" not in qualname:
+        backends.register(name, f"{module_name}:{qualname}")
 
 
 def main(argv: Optional[list[str]] = None) -> None:

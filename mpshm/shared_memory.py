@@ -22,6 +22,12 @@ __all__ = ["ShareableList", "SharedMemory"]
 _T = TypeVar("_T", bound="SharedMemory")
 
 
+def _spec(backend: Backend) -> str:
+    """Where the tracker finds *backend*'s class: ``"module:QualName"``."""
+    kind = type(backend)
+    return f"{kind.__module__}:{kind.__qualname__}"
+
+
 def _check_size(size: Any) -> int:
     try:
         value = operator.index(size)
@@ -122,7 +128,7 @@ class SharedMemory:
     def _create_generated(
         self, chosen: Backend, size: int, options: dict[str, Any]
     ) -> tuple[Attachment, str]:
-        module = type(chosen).__module__
+        module = _spec(chosen)
         while True:
             ident = chosen.generate(options)
             if self._track:
@@ -139,7 +145,7 @@ class SharedMemory:
                 if self._track:
                     tracking.unregister(chosen.name, ident)
                 raise
-            if self._track and attachment.identity is not None:
+            if self._track and attachment.identity is not None and not chosen.unique_names:
                 tracking.register(chosen.name, module, ident, attachment.identity)
             return attachment, ident
 
@@ -238,7 +244,10 @@ class SharedMemory:
         try:
             self._backend.unlink(self._ident)
         finally:
-            tracking.unregister(self._backend.name, self._ident)
+            # Segments this process made untracked were never registered; any
+            # other may be (by whichever process of this program created it).
+            if self._track or not self._created:
+                tracking.unregister(self._backend.name, self._ident)
 
 
 def _rebuild(
@@ -262,18 +271,35 @@ class _UnsupportedType(TypeError, KeyError):
         return str(self.args[0])
 
 
-def _exact_format(length: int) -> str:
-    """The packing format of a str/bytes value of exactly *length* bytes.
+def _string_format(encoded: bytes, slot: int, what: str) -> str:
+    """The packing format of a str/bytes value stored in a slot of *slot* bytes.
 
-    ``"<n>sx"``: the value, then one pad byte. The standard library reads it
-    as an ``n``-byte string (the pad byte has no value), so a reader of
-    either kind gets the value without padding; the trailing ``x`` also tells
-    the standard library's ``__setitem__`` to write a fresh format of its own
-    instead of reusing this one. Values of a million bytes and more do not
-    fit that in 8 characters and are written as ``"<n>s"``.
+    ``"<n>sx"`` where it fits (values under a million bytes, with at least one
+    spare byte in the slot): the value, then a pad byte. The standard library
+    reads that as an ``n``-byte string (the pad has no value), so readers of
+    either kind get the value exactly, trailing NULs included; the trailing
+    ``x`` also makes the standard library's ``__setitem__`` write a format of
+    its own rather than reuse this one. Otherwise the standard library's
+    ``"<slot>s"``, which readers strip of trailing NULs: a value that ends
+    with NUL is refused then rather than silently shortened.
     """
-    fmt = f"{length}sx"
-    return fmt if len(fmt) <= 8 else f"{length}s"
+    length = len(encoded)
+    if length > slot:
+        raise ValueError(
+            f"bytes/str item exceeds available storage: {what} has room for {slot} "
+            f"bytes, the value needs {length}"
+        )
+    exact = f"{length}sx"
+    if length < slot and len(exact) <= 8:
+        return exact
+    if encoded.endswith(b"\x00"):
+        raise ValueError(
+            f"bytes/str item exceeds available storage: {what} ({slot} bytes) cannot "
+            f"hold a value of {length} bytes ending with NUL bytes exactly (it would "
+            "read back without them); keep such values under 1,000,000 bytes with a "
+            "spare byte, or store them in a SharedMemory segment"
+        )
+    return f"{slot}s"
 
 
 class ShareableList:
@@ -281,7 +307,8 @@ class ShareableList:
     and ``None`` stored in one shared memory segment.
 
     A drop-in for :class:`multiprocessing.shared_memory.ShareableList`, on any
-    backend (``backend=``), with the same byte layout, so a POSIX list is
+    backend (``backend=``, and that backend's options such as ``dir=``), with
+    the same byte layout, so a POSIX list is
     readable and writable by either implementation. Fixed here:
 
     * ``str`` and ``bytes`` values round-trip exactly: trailing NUL bytes are
@@ -289,8 +316,12 @@ class ShareableList:
       multi-byte UTF-8 strings get room for their encoded size (the
       standard library sizes by characters and truncates, CPython gh-88336,
       gh-96779).
-    * A value larger than the layout can describe (10 MB and up) raises
-      ValueError at creation instead of writing a list nobody can read.
+    * A value larger than the layout can describe (more than 9,999,991
+      bytes) raises ValueError at creation instead of writing a list nobody
+      can read.
+    * Where the layout cannot record a value's exact length (values of a
+      million bytes or more, or one that fills its slot to the last byte),
+      a value ending with NUL bytes raises ValueError instead of losing them.
 
     Lists written by the standard library are read as it reads them
     (padding stripped), since their layout does not record exact lengths.
@@ -327,7 +358,7 @@ class ShareableList:
         return 3
 
     @classmethod
-    def _format_for(cls, value: Any) -> str:
+    def _format_for(cls, value: Any, slot: int, what: str) -> str:
         kind = type(value)
         if kind not in cls._types_mapping:
             raise _UnsupportedType(
@@ -336,20 +367,21 @@ class ShareableList:
             )
         if isinstance(value, (str, bytes)):
             encoded = value.encode(_encoding) if isinstance(value, str) else value
-            if len(encoded) >= 10_000_000:
-                raise ValueError(
-                    f"a {kind.__name__} of {len(encoded)} bytes is too large for a "
-                    "ShareableList (the layout records at most 9999999 bytes per item); "
-                    "store it in a SharedMemory segment instead"
-                )
-            return _exact_format(len(encoded))
+            return _string_format(encoded, slot, what)
         return cls._types_mapping[kind]
 
     @classmethod
     def _allocation(cls, value: Any) -> int:
         if isinstance(value, (str, bytes)):
             encoded = value.encode(_encoding) if isinstance(value, str) else value
-            return cls._alignment * (len(encoded) // cls._alignment + 1)
+            slot = cls._alignment * (len(encoded) // cls._alignment + 1)
+            if slot >= 10_000_000:
+                raise ValueError(
+                    f"a {type(value).__name__} of {len(encoded)} bytes is too large for a "
+                    "ShareableList (its layout describes values of at most 9999991 bytes); "
+                    "store it in a SharedMemory segment instead"
+                )
+            return slot
         return cls._alignment
 
     def __init__(
@@ -358,18 +390,23 @@ class ShareableList:
         *,
         name: Optional[str] = None,
         backend: Optional[str] = None,
+        **options: Any,
     ) -> None:
         if name is None or sequence is not None:
             items = list(sequence or ())
-            formats = [self._format_for(item) for item in items]
             self._list_len = len(items)
             offset = 0
             self._allocated_offsets = [0]
-            for item in items:
-                offset += self._allocation(item)
+            formats = []
+            for position, item in enumerate(items):
+                slot = self._allocation(item)
+                formats.append(self._format_for(item, slot, f"item {position}"))
+                offset += slot
                 self._allocated_offsets.append(offset)
             requested_size = 8 * (self._list_len + 2) + offset + 8 * self._list_len + self._list_len
-            self.shm = SharedMemory(name, create=True, size=requested_size, backend=backend)
+            self.shm = SharedMemory(
+                name, create=True, size=requested_size, backend=backend, **options
+            )
             buf = self.shm.buf
             struct.pack_into(
                 "q" + self._format_size_metainfo,
@@ -398,7 +435,7 @@ class ShareableList:
                 *(self._extract_recreation_code(item) for item in items),
             )
         else:
-            self.shm = SharedMemory(name, backend=backend)
+            self.shm = SharedMemory(name, backend=backend, **options)
             self._list_len = len(self)
             if not 0 <= self._list_len <= (self.shm.size - 16) // 25:
                 self.shm.close()
@@ -482,37 +519,16 @@ class ShareableList:
         offset = self._offset_data_start + self._allocated_offsets[position]
         (value,) = struct.unpack_from(fmt, self.shm.buf, offset)
         if fmt.endswith("s"):
-            slot = self._allocated_offsets[position + 1] - self._allocated_offsets[position]
-            if struct.calcsize(fmt) >= slot:
-                # Written by the standard library: padded to the slot, with no
-                # record of the exact length. Read it the way it does.
-                value = value.rstrip(b"\x00")
+            # The standard library's format, padded to the slot with no record
+            # of the exact length: read it the way it does.
+            value = value.rstrip(b"\x00")
         return self._get_back_transform(position)(value)
 
     def __setitem__(self, position: int, value: Any) -> None:
         position = self._position(position, "assignment index out of range")
-        fmt = self._format_for(value)
-        if isinstance(value, (str, bytes)):
-            encoded = value.encode(_encoding) if isinstance(value, str) else value
-            allocated = self._allocated_offsets[position + 1] - self._allocated_offsets[position]
-            if len(encoded) > allocated:
-                raise ValueError(
-                    f"bytes/str item exceeds available storage: item {position} has room "
-                    f"for {allocated} bytes, the new value needs {len(encoded)}"
-                )
-            if struct.calcsize(fmt) > allocated:
-                # Fills the slot exactly: the standard library's own format,
-                # which readers strip of trailing NULs, so refuse to lose them.
-                if encoded.endswith(b"\x00"):
-                    raise ValueError(
-                        f"bytes/str item exceeds available storage: item {position} has "
-                        f"room for {allocated} bytes, and a value of that length that "
-                        "ends with NUL bytes would read back without them"
-                    )
-                fmt = f"{allocated}s"
-            packed: Any = encoded
-        else:
-            packed = value
+        slot = self._allocated_offsets[position + 1] - self._allocated_offsets[position]
+        fmt = self._format_for(value, slot, f"item {position}")
+        packed = value.encode(_encoding) if isinstance(value, str) else value
         offset = self._offset_data_start + self._allocated_offsets[position]
         self._set_packing_format_and_transform(position, fmt, value)
         struct.pack_into(fmt, self.shm.buf, offset, packed)

@@ -30,7 +30,6 @@ that someone else reused meanwhile is left alone.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import secrets
@@ -39,7 +38,9 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import Any, Optional
+from typing import Optional
+
+from . import _protocol
 
 __all__ = ["ENV_VAR", "register", "tracked", "tracker_pid", "unregister"]
 
@@ -66,7 +67,7 @@ class _Client:
         self._sock: Optional[socket.socket] = None
         self._pid: Optional[int] = None
         # Registrations made by this process: (backend, ident) -> message.
-        self._held: dict[tuple[str, str], dict[str, Any]] = {}
+        self._held: dict[tuple[str, str], bytes] = {}
 
     def _after_fork(self) -> None:
         # The inherited socket still reaches the parent's tracker (sharing it
@@ -146,14 +147,14 @@ class _Client:
             self._sock = self._start()
         return self._sock
 
-    def _send_locked(self, message: dict[str, Any], start: bool) -> bool:
-        data = json.dumps(message).encode()
+    def _send_locked(self, data: bytes, start: bool) -> bool:
+        flags = getattr(socket, "MSG_NOSIGNAL", 0)
         for attempt in range(2):
             sock = self._socket(start=start or attempt > 0)
             if sock is None:
                 return False
             try:
-                sock.sendall(data, getattr(socket, "MSG_NOSIGNAL", 0))
+                sock.sendall(data, flags)
                 return True
             except OSError:
                 # The tracker is gone (killed?): start a new one and give it
@@ -165,24 +166,20 @@ class _Client:
                 fresh = self._socket(start=True)
                 assert fresh is not None
                 for held in self._held.values():
-                    if held is not message:
-                        fresh.sendall(json.dumps(held).encode(), getattr(socket, "MSG_NOSIGNAL", 0))
+                    if held is not data:
+                        fresh.sendall(held, flags)
         return False
 
     def register(self, backend: str, module: str, ident: str, identity: Optional[str]) -> None:
-        message: dict[str, Any] = {
-            "op": "reg",
-            "b": backend,
-            "i": ident,
-            "id": identity,
-            "pid": os.getpid(),
-        }
+        extra = None
         if not module.startswith(_BUILTIN_MODULES):
-            message["m"] = module
+            # A third-party backend: tell the tracker how to load it.
+            extra = {"m": module, "p": [os.path.abspath(p or os.curdir) for p in sys.path]}
+        data = _protocol.encode("reg", backend, ident, identity, os.getpid(), extra)
         with self._lock:
-            self._held[(backend, ident)] = message
+            self._held[(backend, ident)] = data
             try:
-                self._send_locked(message, start=True)
+                self._send_locked(data, start=True)
             except OSError as exc:
                 warnings.warn(
                     f"mpshm could not reach its segment tracker ({exc}); the segment "
@@ -195,7 +192,7 @@ class _Client:
         with self._lock:
             self._held.pop((backend, ident), None)
             try:
-                self._send_locked({"op": "unreg", "b": backend, "i": ident}, start=False)
+                self._send_locked(_protocol.encode("unreg", backend, ident, None, 0), start=False)
             except OSError:
                 pass
 
@@ -215,8 +212,9 @@ if hasattr(os, "register_at_fork"):
 def register(backend: str, module: str, ident: str, identity: Optional[str] = None) -> None:
     """Register a segment this process created with its program's tracker.
 
-    *backend* is the backend's registered name, *module* the module that
-    registers it (imported by the tracker for third-party backends), *ident*
+    *backend* is the backend's registered name, *module* where its class
+    lives as ``"module:QualName"`` (imported by the tracker for third-party
+    backends, with this process's ``sys.path``), *ident*
     the canonical identifier and *identity* what
     :meth:`~mpshm.backends.Backend.identity` returned right after creation
     (None if not known yet). Registering the same segment again updates it.

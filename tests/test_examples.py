@@ -46,6 +46,7 @@ def test_examples_found() -> None:
 def test_example(path: str) -> None:
     env = dict(os.environ)
     env.pop("MPSHM_TRACKER", None)  # a program of its own, with its own tracker
+    env.pop("MPSHM_BACKEND", None)  # the examples show the default (posix)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     result = subprocess.run(
         [sys.executable, path],

@@ -16,19 +16,21 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import pickle
 import struct
-import sys
+import time
 import types
 from multiprocessing import resource_tracker, shared_memory
+from queue import Empty
 from typing import Any, Iterator, Optional
 
 import pytest
+from helpers import child_list_read, unique
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mpshm
-from helpers import child_list_read, unique
 from mpshm import ShareableList, tracking
 
 # --------------------------------------------------------------------------
@@ -187,9 +189,9 @@ def test_basics(backend: str) -> None:
 def test_index_errors(backend: str) -> None:
     with shareable(BASICS, backend=backend) as sl:
         for position in (7, 8, 100, -8, -100):
-            with pytest.raises(IndexError, match="^index out of range$"):
+            with pytest.raises(IndexError, match=r"^index out of range$"):
                 sl[position]
-            with pytest.raises(IndexError, match="^assignment index out of range$"):
+            with pytest.raises(IndexError, match=r"^assignment index out of range$"):
                 sl[position] = 2
         assert list(sl) == BASICS
         with pytest.raises(TypeError):
@@ -253,7 +255,7 @@ def test_type_changes_in_one_slot(backend: str) -> None:
         assert math.isnan(sl[0])
         with attached(sl.shm.name) as other:
             assert math.isnan(other[0])
-            other[0] = "from other"[:8]
+            other[0] = "from oth"
             assert sl[0] == "from oth"
 
 
@@ -285,6 +287,25 @@ def test_copy_and_attach(backend: str) -> None:
             assert tethered[0] == "hi"
             tethered[2] = None
             assert sl[2] is None
+
+
+def test_backend_options(tmp_path: Any) -> None:
+    with shareable([1, "two"], backend="mmap", dir=tmp_path) as sl:
+        assert sl.shm.name.startswith("mmap:")
+        path = sl.shm.name[len("mmap:") :]
+        assert os.path.dirname(path) == str(tmp_path)
+        assert os.path.isfile(path)
+        with attached(sl.shm.name) as other:
+            assert list(other) == [1, "two"]
+        name = unique("opt")
+        with shareable([3.5], name=name, backend="mmap", dir=tmp_path) as named:
+            assert (tmp_path / name).exists()
+            with attached(name, backend="mmap", dir=tmp_path) as other:
+                assert list(other) == [3.5]
+            assert named[0] == 3.5
+    assert os.listdir(tmp_path) == []
+    with pytest.raises(TypeError):
+        ShareableList([1], backend="posix", dir=tmp_path)
 
 
 def test_attach_absent_name(backend: str) -> None:
@@ -401,9 +422,8 @@ def test_pickling(backend: str, protocol: int) -> None:
 
 
 def test_pickle_is_a_handle(backend: str) -> None:
-    with shareable(range(10), backend=backend) as small, shareable(
-        ["x" * 1000] * 50, backend=backend
-    ) as large:
+    many = ["x" * 1000] * 50
+    with shareable(range(10), backend=backend) as small, shareable(many, backend=backend) as large:
         assert large.shm.size > 50_000
         assert len(pickle.dumps(large)) < 1000
         assert abs(len(pickle.dumps(large)) - len(pickle.dumps(small))) < 16
@@ -419,6 +439,21 @@ def test_pickling_dead_object(backend: str) -> None:
             pickle.loads(serialized)
 
 
+def answer(proc: Any, queue: Any, timeout: float) -> Any:
+    """What *proc* puts on *queue*; fails early if it dies without answering."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=0.2)
+        except Empty:
+            if not proc.is_alive():
+                try:
+                    return queue.get(timeout=2)
+                except Empty:
+                    pytest.fail(f"child exited with code {proc.exitcode} without answering")
+    pytest.fail(f"no answer from the child within {timeout} s")
+
+
 def test_child_process(backend: str, ctx: Any) -> None:
     values = ["first", 2, b"ab\x00\x00", None, -4.5, True, "€€€€", "x\x00"]
     with shareable(values, backend=backend) as sl:
@@ -426,7 +461,7 @@ def test_child_process(backend: str, ctx: Any) -> None:
         proc = ctx.Process(target=child_list_read, args=(sl, queue))
         proc.start()
         try:
-            seen = queue.get(timeout=60)
+            seen = answer(proc, queue, timeout=60)
         finally:
             proc.join(timeout=60)
             if proc.is_alive():
@@ -479,8 +514,8 @@ def test_assignment_within_slot(backend: str, kind: type) -> None:
         return b if kind is bytes else b.decode("ascii")
 
     # Slots: a 7-byte value gets 8 bytes, an 8-byte value 16, a 15-byte one 16.
-    with shareable([conv(b"a" * 7), conv(b"b" * 8), conv(b"c" * 15), "end"],
-                   backend=backend) as sl:
+    values = [conv(b"a" * 7), conv(b"b" * 8), conv(b"c" * 15), "end"]
+    with shareable(values, backend=backend) as sl:
         for position, slot in ((0, 8), (1, 16), (2, 16)):
             for length in range(slot + 1):
                 good = conv(b"z" * length)
@@ -561,8 +596,9 @@ def test_unsupported_type(backend: str, bad: Any) -> None:
         b"\x00" * 10_000_000,
         "€" * 3_333_334,  # fewer than 10 M characters, more than 10 MB
         b"y" * 12_000_000,
+        b"z" * 9_999_992,  # one byte more than the layout can describe
     ],
-    ids=["str", "bytes-nul", "multibyte", "bytes-12M"],
+    ids=["str", "bytes-nul", "multibyte", "bytes-12M", "bytes-9999992"],
 )
 def test_too_large_item(backend: str, big: Any) -> None:
     before = set(tracking.tracked())
@@ -572,37 +608,56 @@ def test_too_large_item(backend: str, big: Any) -> None:
 
 
 def test_largest_item(backend: str) -> None:
-    value = b"m" * 9_999_998 + b"\x00"  # 9_999_999 bytes, the largest allowed
+    # 9_999_991 bytes: the largest value whose slot (9_999_992 bytes) the
+    # layout's 8-character format can describe.
+    value = b"m" * 9_999_991
     with shareable([value, "end"], backend=backend) as sl:
         assert sl[0] == value
         assert sl[1] == "end"
-        smaller = b"s" * 1_500_000 + b"\x00\x00\x00"
+        smaller = b"s" * 1_500_000
         sl[0] = smaller
         assert sl[0] == smaller
-        full = b"f" * 10_000_000
+        sl[0] = "€" * 3_333_330  # 9_999_990 bytes
+        assert sl[0] == "€" * 3_333_330
         with pytest.raises(ValueError):
-            sl[0] = full
-        assert sl[0] == smaller
+            sl[0] = b"f" * 10_000_000
+        assert sl[0] == "€" * 3_333_330
+        assert sl[1] == "end"
 
 
-def test_large_items_keep_trailing_nuls(backend: str) -> None:
-    values = [b"a" * 1_000_000 + b"\x00\x00", "b" * 2_000_000 + "\x00", "c" * 999_999]
+def test_large_items_round_trip(backend: str) -> None:
+    values = [b"a" * 1_000_000, "b" * 2_000_000, "c" * 999_998 + "\x00", b"d" * 999_999, 5]
     with shareable(values, backend=backend) as sl:
-        assert list(sl) == values
+        assert keys(sl) == keys(values)
+        with attached(sl.shm.name) as other:
+            assert keys(other) == keys(values)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mpshm bug: a str/bytes of >= 1_000_000 bytes that fills its slot exactly "
-    "and ends with NUL is stored with the '<n>s' format and read back stripped, "
-    "instead of raising ValueError",
+@pytest.mark.parametrize(
+    "value",
+    [b"a" * 1_000_000 + b"\x00\x00", "b" * 2_000_000 + "\x00", b"\x00" * 1_000_000],
+    ids=["bytes", "str", "all-nul"],
 )
-def test_large_exact_fill_ending_with_nul_is_refused(backend: str) -> None:
-    with shareable([b"a" * 1_000_007], backend=backend) as sl:  # slot: 1_000_008 bytes
-        new = b"b" * 1_000_007 + b"\x00"
-        with pytest.raises(ValueError):
-            sl[0] = new
-        assert sl[0] == b"a" * 1_000_007
+def test_large_item_ending_with_nul_is_refused(backend: str, value: Any) -> None:
+    """From a million bytes the layout cannot record an exact length, so a
+    value ending with NUL is refused rather than read back without its NULs."""
+    before = set(tracking.tracked())
+    with pytest.raises(ValueError):
+        ShareableList([1, value], backend=backend)
+    assert set(tracking.tracked()) == before
+
+
+def test_large_assignment_ending_with_nul_is_refused(backend: str) -> None:
+    with shareable([b"a" * 1_000_007, "end"], backend=backend) as sl:  # slot: 1_000_008
+        for new in (b"b" * 1_000_007 + b"\x00", b"c" * 1_000_000 + b"\x00", "d" * 999_999 + "\x00"):
+            with pytest.raises(ValueError):
+                sl[0] = new
+            assert sl[0] == b"a" * 1_000_007
+        sl[0] = b"e" * 1_000_008  # fills the slot, no NUL at the end: fine
+        assert sl[0] == b"e" * 1_000_008
+        sl[0] = b"f" * 999_998 + b"\x00"  # under a million bytes: exact again
+        assert sl[0] == b"f" * 999_998 + b"\x00"
+        assert sl[1] == "end"
 
 
 # --------------------------------------------------------------------------
@@ -641,16 +696,20 @@ def test_round_trip_property(backend: str, values: list[Any]) -> None:
 def replacement(slot: int) -> st.SearchStrategy[Any]:
     """Values to assign to a slot of *slot* bytes: fitting, exactly filling
     (with and without a final NUL) and too long."""
-    sized_bytes = st.integers(0, slot + 2).flatmap(
-        lambda n: st.binary(min_size=n, max_size=n)
-    )
+    sized_bytes = st.integers(0, slot + 2).flatmap(lambda n: st.binary(min_size=n, max_size=n))
     exact_nul = st.binary(min_size=slot - 1, max_size=slot - 1).map(lambda b: b + b"\x00")
     sized_ascii = st.integers(0, slot + 2).flatmap(
         lambda n: st.text(alphabet="abc\x00", min_size=n, max_size=n)
     )
     return st.one_of(
-        ints, floats, st.booleans(), st.none(),
-        sized_bytes, exact_nul, sized_ascii, st.text(max_size=slot),
+        ints,
+        floats,
+        st.booleans(),
+        st.none(),
+        sized_bytes,
+        exact_nul,
+        sized_ascii,
+        st.text(max_size=slot),
     )
 
 
@@ -702,9 +761,10 @@ def test_stdlib_list_read_by_mpshm() -> None:
 
 
 def test_stdlib_written_values_in_stdlib_list() -> None:
-    with stdlib_list(["abcdefghij", 1, "xy"]) as theirs, attached(
-        theirs.shm.name, backend="posix"
-    ) as ours:
+    with (
+        stdlib_list(["abcdefghij", 1, "xy"]) as theirs,
+        attached(theirs.shm.name, backend="posix") as ours,
+    ):
         theirs[0] = "short"
         theirs[1] = b"by"
         theirs[2] = 2.25
@@ -732,28 +792,29 @@ def test_mpshm_nul_values_read_by_stdlib() -> None:
 
 
 def test_stdlib_writes_into_mpshm_list() -> None:
-    with shareable(["abc", "€€€€", 7, b"bytes", None, "end"], backend="posix") as ours:
-        with stdlib_attached(ours.shm.name) as theirs:
-            theirs[0] = "xyz"
-            theirs[1] = "日本語"  # 9 bytes in a 16-byte slot
-            theirs[2] = "str"  # type change int -> str
-            theirs[3] = 99  # bytes -> int
-            theirs[4] = -0.5
-            assert list(ours) == ["xyz", "日本語", "str", 99, -0.5, "end"]
-            theirs[0] = "12345678"  # fills the slot
-            theirs[2] = b"q\x00"
-            theirs[3] = None
-            theirs[4] = False
-            assert keys(ours) == keys(["12345678", "日本語", b"q", None, False, "end"])
-            assert keys(ours) == keys(theirs)
-            theirs[0] = "a"  # shorter again, padded by the standard library
-            assert ours[0] == "a"
+    values = ["abc", "€€€€", 7, b"bytes", None, "end"]
+    with shareable(values, backend="posix") as ours, stdlib_attached(ours.shm.name) as theirs:
+        theirs[0] = "xyz"
+        theirs[1] = "日本語"  # 9 bytes in a 16-byte slot
+        theirs[2] = "str"  # type change int -> str
+        theirs[3] = 99  # bytes -> int
+        theirs[4] = -0.5
+        assert list(ours) == ["xyz", "日本語", "str", 99, -0.5, "end"]
+        theirs[0] = "12345678"  # fills the slot
+        theirs[2] = b"q\x00"
+        theirs[3] = None
+        theirs[4] = False
+        assert keys(ours) == keys(["12345678", "日本語", b"q", None, False, "end"])
+        assert keys(ours) == keys(theirs)
+        theirs[0] = "a"  # shorter again, padded by the standard library
+        assert ours[0] == "a"
 
 
 def test_mpshm_writes_into_stdlib_list() -> None:
-    with stdlib_list(["abcdefg", "abcdefghijk", 1, b"x", None]) as theirs, attached(
-        theirs.shm.name, backend="posix"
-    ) as ours:
+    with (
+        stdlib_list(["abcdefg", "abcdefghijk", 1, b"x", None]) as theirs,
+        attached(theirs.shm.name, backend="posix") as ours,
+    ):
         ours[0] = "€€"  # 6 bytes in an 8-byte slot
         ours[1] = b"0123456789abcdef"  # fills a 16-byte slot
         ours[2] = "int->s"
@@ -773,9 +834,10 @@ def test_mpshm_writes_into_stdlib_list() -> None:
 
 
 def test_both_write_alternately() -> None:
-    with shareable(["0" * 15, 0], backend="posix") as ours, stdlib_attached(
-        ours.shm.name
-    ) as theirs:
+    with (
+        shareable(["0" * 15, 0], backend="posix") as ours,
+        stdlib_attached(ours.shm.name) as theirs,
+    ):
         for i in range(1, 20):
             writer, reader = (ours, theirs) if i % 2 else (theirs, ours)
             text = str(i) * (i % 8)
@@ -785,16 +847,13 @@ def test_both_write_alternately() -> None:
             assert reader[1] == i
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="mpshm bug: a standard-library write into an mpshm item of >= 1_000_000 "
-    "bytes reuses the exact '<n>s' format, pads with NULs, and mpshm returns the "
-    "padding instead of stripping it as the standard library does",
-)
 def test_stdlib_writes_into_large_mpshm_item() -> None:
-    with shareable([b"x" * 1_000_000], backend="posix") as ours:
-        with stdlib_attached(ours.shm.name) as theirs:
-            theirs[0] = b"abc"
-            assert theirs[0] == b"abc"
-            assert ours[0] == b"abc"
-
+    with (
+        shareable([b"x" * 1_000_000], backend="posix") as ours,
+        stdlib_attached(ours.shm.name) as theirs,
+    ):
+        theirs[0] = b"abc"  # the standard library pads to the slot
+        assert theirs[0] == b"abc"
+        assert ours[0] == b"abc"
+        ours[0] = b"x" * 1_000_001
+        assert theirs[0] == b"x" * 1_000_001

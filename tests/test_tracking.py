@@ -256,3 +256,35 @@ def test_sigint_in_the_program_still_cleans_up(backend):
         wait_until(lambda: not exists(name), CLEANUP_LIMIT)
     finally:
         _finish(proc)
+
+
+def test_third_party_backend_segments_are_destroyed_too(tmp_path):
+    """The tracker loads a backend the way the program had it (path and spec)."""
+    (tmp_path / "thirdparty_backend.py").write_text(
+        "from mpshm.backends.posix import PosixBackend\n"
+        "class Custom(PosixBackend):\n"
+        "    name = 'custom'\n"
+        "    def qualified(self, ident):\n"
+        "        return 'custom:' + ident\n"
+    )
+    proc = popen_script(
+        f"""
+        import sys, time
+        sys.path.insert(0, {str(tmp_path)!r})
+        from mpshm import backends, SharedMemory
+        backends.register("custom", "thirdparty_backend:Custom")
+        shm = SharedMemory(create=True, size=64, backend="custom")
+        print(shm.name)
+        time.sleep(120)
+        """
+    )
+    try:
+        name = _read_line(proc)
+        assert name.startswith("custom:psm_")
+        posix_name = name.split(":", 1)[1]
+        assert exists(posix_name)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        wait_until(lambda: not exists(posix_name), CLEANUP_LIMIT)
+    finally:
+        _finish(proc)

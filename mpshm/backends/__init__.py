@@ -95,7 +95,9 @@ def _load(name: str, spec: str) -> Backend:
         package = _PACKAGES.get(name)
         hint = f" Install it with: pip install {package}" if package else ""
         raise ImportError(f"the {name!r} backend cannot be loaded ({exc}).{hint}") from exc
-    obj = getattr(module, attr)
+    obj: Any = module
+    for part in attr.split("."):
+        obj = getattr(obj, part)
     backend = obj() if isinstance(obj, type) else obj
     if not isinstance(backend, Backend):
         raise TypeError(f"{spec} is not a mpshm.backends.Backend")

@@ -145,6 +145,10 @@ class Backend(abc.ABC):
     option_names: ClassVar[frozenset[str]] = frozenset()
     #: Human description of the storage, for messages.
     storage: ClassVar[str] = "shared memory"
+    #: Whether :meth:`generate` makes names nobody else will ever make (64
+    #: random bits or more). Then the tracker needs no identity to destroy
+    #: them safely, which saves a message per creation.
+    unique_names: ClassVar[bool] = False
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         """Raise TypeError naming any option this backend does not accept."""

@@ -48,7 +48,7 @@ def check_dir(path: str, create: bool) -> None:
     others may write to without the sticky bit. Creates it (mode 0700) when
     *create* is true and it does not exist.
     """
-    if create:
+    if create and not os.path.lexists(path):
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as exc:
@@ -91,6 +91,7 @@ class MmapBackend(Backend):
 
     name = "mmap"
     option_names = frozenset({"dir"})
+    unique_names = True
     storage = "the mmap backend's filesystem"
 
     def _dir(self, options: Mapping[str, Any]) -> str:
@@ -141,7 +142,6 @@ class MmapBackend(Backend):
                 errno.EEXIST, "A file of that name exists", self.qualified(ident)
             ) from None
         try:
-            os.ftruncate(fd, size)
             reserve(
                 fd,
                 size,

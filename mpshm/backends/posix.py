@@ -41,15 +41,16 @@ NAME_MAX = 255
 
 
 def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
-    """Allocate *size* bytes for *fd* now, so a later write cannot SIGBUS.
+    """Size *fd* to *size* bytes and allocate them now, so a later write cannot SIGBUS.
 
-    Raises the ENOSPC error of :func:`no_space` when the filesystem is full.
-    Filesystems that cannot preallocate are left as they are.
+    Raises the ENOSPC error of :func:`no_space` when the filesystem is full
+    or cannot hold a file that large. Filesystems that cannot preallocate are
+    only sized.
     """
-    if not hasattr(os, "posix_fallocate"):  # macOS: nothing to reserve with
-        return
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.ftruncate(fd, size)
+        if hasattr(os, "posix_fallocate"):  # not on macOS: nothing to reserve with
+            os.posix_fallocate(fd, 0, size)
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             free = None
@@ -69,6 +70,7 @@ class PosixBackend(Backend):
     """POSIX shared memory objects (``shm_open``), the default backend."""
 
     name = "posix"
+    unique_names = True
     storage = "/dev/shm (POSIX shared memory)"
 
     def parse(self, ident: str, options: Mapping[str, Any]) -> str:
@@ -109,7 +111,6 @@ class PosixBackend(Backend):
             raise PermissionError(errno.EACCES, str(exc), ident) from None
         fd = shm.fd
         try:
-            os.ftruncate(fd, size)
             reserve(
                 fd,
                 size,

@@ -172,7 +172,8 @@ class SysVBackend(Backend):
     def qualified(self, ident: str) -> str:
         return f"{self.name}:{ident}"
 
-    def _check_space(self, size: int) -> None:
+    def _no_space(self, size: int, refusal: BaseException) -> OSError:
+        """The ENOSPC error for a refused creation, with the limits that apply."""
         shmmax = _read_int("/proc/sys/kernel/shmmax")
         shmall = _read_int("/proc/sys/kernel/shmall")
         page = os.sysconf("SC_PAGE_SIZE")
@@ -182,12 +183,10 @@ class SysVBackend(Backend):
             free = max(0, shmall - used) * page
         if shmmax is not None:
             free = shmmax if free is None else min(free, shmmax)
-        if free is not None and size > free:
-            limits = f"kernel.shmmax = {shmmax}, kernel.shmall = {shmall} pages"
-            raise no_space(f"{self.storage} ({limits})", size, free, _REMEDY)
+        limits = f"kernel.shmmax = {shmmax}, kernel.shmall = {shmall} pages"
+        return no_space(f"{self.storage} ({limits}; {refusal})", size, free, _REMEDY)
 
     def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
-        self._check_space(size)
         key = _signed(key_for(ident))
         try:
             # Read-only so that sysv_ipc does not fill the segment with spaces.
@@ -205,9 +204,7 @@ class SysVBackend(Backend):
             # ENOMEM as MemoryError and ENOSPC (kernel.shmall, shmmni) as OSError.
             if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.ENOMEM, None):
                 raise
-            raise no_space(
-                f"{self.storage} (the kernel refused: {exc})", size, None, _REMEDY
-            ) from None
+            raise self._no_space(size, exc) from None
         try:
             segment.mode = 0o600
             segment.detach()

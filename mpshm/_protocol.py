@@ -1,0 +1,68 @@
+"""The messages between processes and their tracker (see :mod:`mpshm.tracking`).
+
+A message is a 4-byte big-endian length, then NUL-separated UTF-8 fields:
+operation (``reg``/``unreg``), backend, identifier, identity (may be empty),
+pid, and a JSON object of extras (third-party backends only, else empty).
+Identifiers never contain NUL (every backend rejects it). The framing lets
+the same decoder serve SOCK_SEQPACKET (one message per packet) and
+SOCK_STREAM (where messages may arrive split or joined).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, Optional
+
+_HEADER = struct.Struct("!I")
+_FIELDS = 6
+
+
+def encode(
+    op: str,
+    backend: str,
+    ident: str,
+    identity: Optional[str],
+    pid: int,
+    extra: Optional[dict[str, Any]] = None,
+) -> bytes:
+    """Frame one message."""
+    fields = [op, backend, ident, identity or "", str(pid), json.dumps(extra) if extra else ""]
+    payload = "\0".join(fields).encode("utf-8", "surrogateescape")
+    return _HEADER.pack(len(payload)) + payload
+
+
+class Decoder:
+    """Turns received bytes into message dicts (``op b i id pid`` and extras)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> list[dict[str, Any]]:
+        """Add *data*; return the complete messages it finishes (bad ones dropped)."""
+        self._buffer += data
+        messages = []
+        while len(self._buffer) >= _HEADER.size:
+            (length,) = _HEADER.unpack_from(self._buffer)
+            end = _HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            payload, self._buffer = self._buffer[_HEADER.size : end], self._buffer[end:]
+            fields = payload.decode("utf-8", "surrogateescape").split("\0")
+            if len(fields) != _FIELDS:
+                continue
+            op, backend, ident, identity, pid, extra = fields
+            message: dict[str, Any] = {
+                "op": op,
+                "b": backend,
+                "i": ident,
+                "id": identity or None,
+                "pid": pid,
+            }
+            if extra:
+                try:
+                    message.update(json.loads(extra))
+                except ValueError:
+                    continue
+            messages.append(message)
+        return messages
