@@ -2,8 +2,8 @@
 
 Items may be int, float, bool, str, bytes or None. Unlike the standard
 library's, str and bytes values come back exactly as stored: trailing NUL
-bytes are kept (CPython gh-106939), and multi-byte UTF-8 text is not cut
-short (CPython gh-88336, gh-96779).
+bytes are kept (CPython gh-96779, gh-106939), and multi-byte UTF-8 text is
+not cut short (CPython gh-88336).
 
 Run it:  python examples/shareable_list.py
 """

@@ -59,9 +59,9 @@ class SharedMemory:
       they ended, SIGKILL included. No warning is printed when that happens.
       ``track=False``: the segment stays until someone unlinks it.
     * A process that only *attaches* never destroys the segment, whatever
-      ``track`` says, at exit or otherwise. (The standard library before 3.13
-      destroyed segments when a process that merely attached exited,
-      CPython gh-82300.)
+      ``track`` says, at exit or otherwise. (The standard library destroys a
+      segment when a process that merely attached to it exits, CPython
+      gh-82300; since 3.13 only unless that process passed ``track=False``.)
 
     Differences from the standard library, all fixes:
 
@@ -312,10 +312,10 @@ class ShareableList:
     readable and writable by either implementation. Fixed here:
 
     * ``str`` and ``bytes`` values round-trip exactly: trailing NUL bytes are
-      kept (the standard library strips them, CPython gh-106939) and
-      multi-byte UTF-8 strings get room for their encoded size (the
-      standard library sizes by characters and truncates, CPython gh-88336,
-      gh-96779).
+      kept (the standard library strips them, CPython gh-96779 and
+      gh-106939) and multi-byte UTF-8 strings get room for their encoded
+      size (the standard library sizes them by characters and truncates
+      them, CPython gh-88336).
     * A value larger than the layout can describe (more than 9,999,991
       bytes) raises ValueError at creation instead of writing a list nobody
       can read.

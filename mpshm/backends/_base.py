@@ -20,10 +20,19 @@ import errno
 import mmap
 import os
 import secrets
+import stat
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional
 
-__all__ = ["Attachment", "Backend", "MmapAttachment", "SegmentInfo", "no_space", "random_token"]
+__all__ = [
+    "Attachment",
+    "Backend",
+    "MmapAttachment",
+    "SegmentInfo",
+    "list_files",
+    "no_space",
+    "random_token",
+]
 
 #: Random bits in generated names (issue 7 asks for at least 64).
 TOKEN_BYTES = 8
@@ -223,6 +232,42 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<mpshm backend {self.name!r}>"
+
+
+def list_files(
+    directory: str, backend: str, name_of: Callable[[os.DirEntry[str]], Optional[str]]
+) -> list[SegmentInfo]:
+    """List the regular files in *directory* as segments of *backend*.
+
+    ``name_of(entry)`` gives a file's segment name, or None to skip it.
+    """
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        name = name_of(entry)
+        if name is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        found.append(
+            SegmentInfo(
+                name=name,
+                backend=backend,
+                size=st.st_size,
+                uid=st.st_uid,
+                mode=stat.S_IMODE(st.st_mode),
+                ctime=st.st_ctime,
+                extra={"path": entry.path},
+            )
+        )
+    return found
 
 
 def fstat_identity(fd: int) -> str:

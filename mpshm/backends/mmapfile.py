@@ -23,7 +23,7 @@ import stat
 import tempfile
 from typing import Any, Mapping, Optional
 
-from ._base import Attachment, Backend, MmapAttachment, SegmentInfo, random_token
+from ._base import Attachment, Backend, MmapAttachment, SegmentInfo, list_files, random_token
 from .posix import reserve
 
 __all__ = ["MmapBackend", "default_dir"]
@@ -202,28 +202,4 @@ class MmapBackend(Backend):
         return f"{st.st_dev}:{st.st_ino}"
 
     def list(self) -> list[SegmentInfo]:
-        found = []
-        directory = default_dir()
-        try:
-            entries = list(os.scandir(directory))
-        except OSError:
-            return []
-        for entry in entries:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            found.append(
-                SegmentInfo(
-                    name=self.qualified(entry.path),
-                    backend=self.name,
-                    size=st.st_size,
-                    uid=st.st_uid,
-                    mode=stat.S_IMODE(st.st_mode),
-                    ctime=st.st_ctime,
-                    extra={"path": entry.path},
-                )
-            )
-        return found
+        return list_files(default_dir(), self.name, lambda e: self.qualified(e.path))

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import sys
 from typing import Any, Mapping, Optional
 
@@ -26,6 +25,7 @@ from ._base import (
     MmapAttachment,
     SegmentInfo,
     fstat_identity,
+    list_files,
     no_space,
     random_token,
 )
@@ -100,15 +100,24 @@ class PosixBackend(Backend):
     def qualified(self, ident: str) -> str:
         return ident
 
-    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+    @staticmethod
+    def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
+        """``shm_open`` through posix_ipc, with the standard library's exceptions."""
         try:
-            shm = posix_ipc.SharedMemory("/" + ident, posix_ipc.O_CREX, mode=0o600)
+            return posix_ipc.SharedMemory("/" + ident, flags, mode=0o600, read_only=read_only)
         except posix_ipc.ExistentialError:
-            raise FileExistsError(
-                errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
+            if flags & posix_ipc.O_CREAT:
+                raise FileExistsError(
+                    errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
+                ) from None
+            raise FileNotFoundError(
+                errno.ENOENT, "No such POSIX shared memory segment", ident
             ) from None
         except posix_ipc.PermissionsError as exc:
             raise PermissionError(errno.EACCES, str(exc), ident) from None
+
+    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        shm = self._open(ident, posix_ipc.O_CREX)
         fd = shm.fd
         try:
             reserve(
@@ -131,14 +140,7 @@ class PosixBackend(Backend):
         return attachment
 
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
-        try:
-            shm = posix_ipc.SharedMemory("/" + ident, 0)
-        except posix_ipc.ExistentialError:
-            raise FileNotFoundError(
-                errno.ENOENT, "No such POSIX shared memory segment", ident
-            ) from None
-        except posix_ipc.PermissionsError as exc:
-            raise PermissionError(errno.EACCES, str(exc), ident) from None
+        shm = self._open(ident)
         try:
             st = os.fstat(shm.fd)
             if st.st_size == 0:
@@ -163,8 +165,8 @@ class PosixBackend(Backend):
 
     def identity(self, ident: str) -> Optional[str]:
         try:
-            shm = posix_ipc.SharedMemory("/" + ident, 0, read_only=True)
-        except posix_ipc.Error:
+            shm = self._open(ident, read_only=True)
+        except OSError:
             return None
         try:
             return fstat_identity(shm.fd)
@@ -172,30 +174,12 @@ class PosixBackend(Backend):
             shm.close_fd()
 
     def list(self) -> list[SegmentInfo]:
-        if not sys.platform.startswith("linux") or not os.path.isdir(SHM_DIR):
+        if not sys.platform.startswith("linux"):
             return []
-        found = []
-        for entry in os.scandir(SHM_DIR):
-            if entry.name.startswith("sem."):  # POSIX semaphores live here too
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except OSError:
-                continue
-            if not stat.S_ISREG(st.st_mode):
-                continue
-            found.append(
-                SegmentInfo(
-                    name=entry.name,
-                    backend=self.name,
-                    size=st.st_size,
-                    uid=st.st_uid,
-                    mode=stat.S_IMODE(st.st_mode),
-                    ctime=st.st_ctime,
-                    extra={"path": entry.path},
-                )
-            )
-        return found
+        # POSIX semaphores live in /dev/shm too, as sem.<name>.
+        return list_files(
+            SHM_DIR, self.name, lambda e: None if e.name.startswith("sem.") else e.name
+        )
 
     def available(self) -> Optional[str]:
         if sys.platform.startswith("linux") and not os.path.isdir(SHM_DIR):
