@@ -34,5 +34,5 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """ruff and mypy --strict."""
     session.install("-q", "-e", ".[dev]")
-    session.run("ruff", "check", "mpshm", "tests", "examples", "noxfile.py")
+    session.run("ruff", "check", "mpshm", "tests", "examples", "benchmarks", "noxfile.py")
     session.run("mypy", "--strict", "mpshm")

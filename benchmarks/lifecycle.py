@@ -29,7 +29,7 @@ import sysv_ipc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import mpshm  # noqa: E402
+import mpshm
 
 SMALL = 4096
 LARGE = 64 << 20

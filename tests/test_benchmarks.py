@@ -1,0 +1,26 @@
+"""The benchmarks run (a smoke test: their figures are read by people, not asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from helpers import ROOT
+
+
+def test_lifecycle_benchmark_runs(tmp_path):
+    out = tmp_path / "figures.json"
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("MPSHM_TRACKER", None)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "lifecycle.py"),
+         "--repeat", "1", "--json", str(out)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    rows = json.loads(out.read_text())
+    assert {row["what"].split(":")[0] for row in rows} == {"posix", "sysv", "mmap"}
+    assert all(row["raw_us"] > 0 and row["mpshm_ratio"] > 0 for row in rows)
