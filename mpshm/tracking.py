@@ -47,7 +47,23 @@ __all__ = ["ENV_VAR", "register", "tracked", "tracker_pid", "unregister"]
 #: Environment variable naming the tracker of this program.
 ENV_VAR = "MPSHM_TRACKER"
 
-_SOCK_TYPE = getattr(socket, "SOCK_SEQPACKET", socket.SOCK_STREAM)
+
+def _socket_type() -> int:
+    """SOCK_SEQPACKET where Unix sockets have it (Linux: each message arrives
+    whole even when forked processes share a socket), else SOCK_STREAM."""
+    kind = getattr(socket, "SOCK_SEQPACKET", None)
+    if kind is None:
+        return socket.SOCK_STREAM
+    try:
+        a, b = socket.socketpair(socket.AF_UNIX, kind)
+    except OSError:
+        return socket.SOCK_STREAM
+    a.close()
+    b.close()
+    return int(kind)
+
+
+_SOCK_TYPE = _socket_type()
 _BUILTIN_MODULES = ("mpshm.backends.",)
 
 
