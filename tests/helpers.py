@@ -60,8 +60,10 @@ def run_script(code: str, timeout: float = 60, env: Optional[dict[str, str]] = N
     )
 
 
-def popen_script(code: str, env: Optional[dict[str, str]] = None) -> subprocess.Popen[str]:
-    """Start *code* in a fresh interpreter with stdout piped (line-buffered)."""
+def popen_script(code: str, env: Optional[dict[str, str]] = None,
+                 new_group: bool = False) -> subprocess.Popen[str]:
+    """Start *code* in a fresh interpreter with stdout piped (line-buffered);
+    with *new_group*, in a process group of its own (to kill it whole)."""
     full_env = dict(os.environ)
     full_env.pop("MPSHM_TRACKER", None)
     full_env["PYTHONPATH"] = os.pathsep.join(
@@ -73,6 +75,7 @@ def popen_script(code: str, env: Optional[dict[str, str]] = None) -> subprocess.
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        start_new_session=new_group,
     )
 
 
@@ -126,3 +129,17 @@ def hold_segment(name: str, ready: Any) -> None:
     ready.set()
     time.sleep(120)
     shm.close()
+
+
+def churn(backend: str, count: int, queue: Any) -> None:
+    """Create *count* tracked segments, unlink every other one, report the rest."""
+    kept = []
+    for i in range(count):
+        shm = mpshm.SharedMemory(create=True, size=4096, backend=backend)
+        shm.buf[0] = i % 256
+        if i % 2:
+            shm.unlink()
+        else:
+            kept.append(shm.name)
+        shm.close()
+    queue.put(kept)

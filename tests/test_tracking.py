@@ -288,3 +288,49 @@ def test_third_party_backend_segments_are_destroyed_too(tmp_path):
         wait_until(lambda: not exists(posix_name), CLEANUP_LIMIT)
     finally:
         _finish(proc)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_concurrent_creators_then_whole_group_killed(backend, method):
+    """Four processes register and unregister at once (forked ones share the
+    tracker's socket); SIGKILL of the whole process group leaves nothing."""
+    proc = popen_script(
+        f"""
+        import multiprocessing as mp, time
+        import helpers, mpshm
+
+        if __name__ == "__main__":
+            ctx = mp.get_context({method!r})
+            mpshm.SharedMemory(create=True, size=64, backend={backend!r})  # tracker first
+            queue = ctx.Queue()
+            procs = [ctx.Process(target=helpers.churn, args=({backend!r}, 60, queue))
+                     for _ in range(4)]
+            for p in procs:
+                p.start()
+            for _ in procs:
+                for name in queue.get(timeout=60):
+                    print(name)
+            print("DONE")
+            time.sleep(120)
+        """,
+        new_group=True,
+    )
+    try:
+        names = []
+        while True:
+            line = _read_line(proc)
+            if line == "DONE":
+                break
+            names.append(line)
+        assert len(names) == 4 * 30
+        assert all(exists(name) for name in names)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        took = wait_until(lambda: not any(exists(n) for n in names), CLEANUP_LIMIT)
+        print(f"group kill, {len(names)} segments ({backend}, {method}): {took:.3f} s")
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        _finish(proc)
