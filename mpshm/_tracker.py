@@ -15,11 +15,14 @@ import signal
 import socket
 import struct
 import sys
+import time
 from typing import Any, Optional
 
 from . import _protocol
 
-_POLL = 0.05
+_POLL = 0.05  # seconds between checks of watched processes
+_BATCH = 0.005  # seconds between reads while messages flow
+_IDLE = 0.5  # seconds without messages before waiting for the next one
 
 
 def _start_time(pid: int) -> Optional[str]:
@@ -127,35 +130,52 @@ class Tracker:
         self.conns[conn] = _protocol.Decoder()
         selector.register(conn, selectors.EVENT_READ)
 
-    def _receive(self, selector: selectors.BaseSelector, conn: socket.socket) -> None:
+    def _receive(self, selector: selectors.BaseSelector, conn: socket.socket) -> bool:
+        """Read what *conn* has queued; return whether there were messages."""
         decoder = self.conns[conn]
+        received = False
         while True:  # drain what is queued, one packet (or chunk) at a time
             try:
                 data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                return
+                return received
             except OSError:
                 data = b""
             if not data:
                 break
+            received = True
             self.handle(decoder.feed(data))
         selector.unregister(conn)
         del self.conns[conn]
         conn.close()
+        return received
 
     def run(self) -> None:
-        """Serve until the program is over."""
+        """Serve until the program is over.
+
+        While messages flow, the tracker reads them in batches every
+        ``_BATCH`` seconds instead of waiting for each: a process sending a
+        message to a tracker that is not waiting pays no cross-process
+        wake-up, which would otherwise cost more than creating the segment.
+        After ``_IDLE`` seconds without messages it waits again (costing
+        nothing while the program does not create or unlink segments).
+        """
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
             for conn in self.conns:
                 selector.register(conn, selectors.EVENT_READ)
+            last_message = -_IDLE
             while True:
-                timeout = None if self.conns and not self.watched else _POLL
+                if time.monotonic() - last_message < _IDLE:
+                    time.sleep(_BATCH)
+                    timeout: Optional[float] = 0
+                else:
+                    timeout = None if self.conns and not self.watched else _POLL
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.listener:
                         self._accept(selector)
-                    else:
-                        self._receive(selector, key.fileobj)  # type: ignore[arg-type]
+                    elif self._receive(selector, key.fileobj):  # type: ignore[arg-type]
+                        last_message = time.monotonic()
                 # Before deciding, take in whoever connected meanwhile.
                 if not self.conns and not self.still_running() and not selector.select(0):
                     return
