@@ -114,9 +114,7 @@ class SharedMemory:
         elif ident is not None:
             self._attachment = chosen.create(ident, size, options)
             if track:
-                tracking.register(
-                    chosen.name, type(chosen).__module__, ident, self._attachment.identity
-                )
+                tracking.register(chosen.name, _spec(chosen), ident, self._attachment.identity)
         else:
             self._attachment, ident = self._create_generated(chosen, size, options)
         self._created = bool(create)

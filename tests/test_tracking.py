@@ -274,18 +274,20 @@ def test_third_party_backend_segments_are_destroyed_too(tmp_path):
         from mpshm import backends, SharedMemory
         backends.register("custom", "thirdparty_backend:Custom")
         shm = SharedMemory(create=True, size=64, backend="custom")
+        named = SharedMemory("custom:" + {unique("own")!r}, create=True, size=64)
         print(shm.name)
+        print(named.name)
         time.sleep(120)
         """
     )
     try:
         name = _read_line(proc)
         assert name.startswith("custom:psm_")
-        posix_name = name.split(":", 1)[1]
-        assert exists(posix_name)
+        posix_names = [name.split(":", 1)[1], _read_line(proc).split(":", 1)[1]]
+        assert all(exists(n) for n in posix_names)
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        wait_until(lambda: not exists(posix_name), CLEANUP_LIMIT)
+        wait_until(lambda: not any(exists(n) for n in posix_names), CLEANUP_LIMIT)
     finally:
         _finish(proc)
 
