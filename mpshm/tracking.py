@@ -196,7 +196,7 @@ class _Client:
             self._held[(backend, ident)] = data
             try:
                 self._send_locked(data, start=True)
-            except OSError as exc:
+            except Exception as exc:  # the tracker could not be started or reached
                 warnings.warn(
                     f"mpshm could not reach its segment tracker ({exc}); the segment "
                     f"{ident!r} will not be destroyed automatically",

@@ -336,3 +336,28 @@ def test_concurrent_creators_then_whole_group_killed(backend, method):
         except ProcessLookupError:
             pass
         _finish(proc)
+
+
+def test_tracker_that_cannot_start_is_a_warning_not_a_failure(backend):
+    result = run_script(
+        f"""
+        import warnings, mpshm
+        from mpshm import tracking
+
+        def broken(*args, **kwargs):
+            raise FileNotFoundError(2, "No such file or directory", "/bin/sh")
+
+        tracking.subprocess.run = broken
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shm = mpshm.SharedMemory(create=True, size=64, backend={backend!r})
+        shm.buf[0] = 1
+        print(len(caught), caught[0].category.__name__, str(caught[0].message))
+        shm.close()
+        shm.unlink()
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    count, category, message = result.stdout.split(" ", 2)
+    assert (count, category) == ("1", "RuntimeWarning")
+    assert "tracker" in message and "not be destroyed automatically" in message
