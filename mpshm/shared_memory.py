@@ -129,10 +129,11 @@ class SharedMemory:
         module = _spec(chosen)
         while True:
             ident = chosen.generate(options)
+            registered = False
             if self._track:
                 # Registered before it exists, so that a kill during creation
                 # cannot leak it (the name is random: nobody else has it).
-                tracking.register(chosen.name, module, ident, None)
+                registered = tracking.register(chosen.name, module, ident, None)
             try:
                 attachment = chosen.create(ident, size, options)
             except FileExistsError:
@@ -143,7 +144,7 @@ class SharedMemory:
                 if self._track:
                     tracking.unregister(chosen.name, ident)
                 raise
-            if self._track and attachment.identity is not None and not chosen.unique_names:
+            if registered and attachment.identity is not None and not chosen.unique_names:
                 tracking.register(chosen.name, module, ident, attachment.identity)
             return attachment, ident
 

@@ -186,7 +186,7 @@ class _Client:
                         fresh.sendall(held, flags)
         return False
 
-    def register(self, backend: str, module: str, ident: str, identity: Optional[str]) -> None:
+    def register(self, backend: str, module: str, ident: str, identity: Optional[str]) -> bool:
         extra = None
         if not module.startswith(_BUILTIN_MODULES):
             # A third-party backend: tell the tracker how to load it.
@@ -195,7 +195,7 @@ class _Client:
         with self._lock:
             self._held[(backend, ident)] = data
             try:
-                self._send_locked(data, start=True)
+                return self._send_locked(data, start=True)
             except Exception as exc:  # the tracker could not be started or reached
                 warnings.warn(
                     f"mpshm could not reach its segment tracker ({exc}); the segment "
@@ -203,6 +203,7 @@ class _Client:
                     RuntimeWarning,
                     stacklevel=4,
                 )
+                return False
 
     def unregister(self, backend: str, ident: str) -> None:
         with self._lock:
@@ -225,7 +226,7 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_client._after_fork)
 
 
-def register(backend: str, module: str, ident: str, identity: Optional[str] = None) -> None:
+def register(backend: str, module: str, ident: str, identity: Optional[str] = None) -> bool:
     """Register a segment this process created with its program's tracker.
 
     *backend* is the backend's registered name, *module* where its class
@@ -234,8 +235,9 @@ def register(backend: str, module: str, ident: str, identity: Optional[str] = No
     the canonical identifier and *identity* what
     :meth:`~mpshm.backends.Backend.identity` returned right after creation
     (None if not known yet). Registering the same segment again updates it.
+    Returns whether the tracker got it (if not, a RuntimeWarning says so).
     """
-    _client.register(backend, module, ident, identity)
+    return _client.register(backend, module, ident, identity)
 
 
 def unregister(backend: str, ident: str) -> None:
