@@ -292,7 +292,7 @@ def test_third_party_backend_segments_are_destroyed_too(tmp_path):
         _finish(proc)
 
 
-@pytest.mark.parametrize("method", ["fork", "spawn"])
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_concurrent_creators_then_whole_group_killed(backend, method):
     """Four processes register and unregister at once (forked ones share the
     tracker's socket); SIGKILL of the whole process group leaves nothing."""
