@@ -131,8 +131,13 @@ def hold_segment(name: str, ready: Any) -> None:
     shm.close()
 
 
-def churn(backend: str, count: int, queue: Any) -> None:
-    """Create *count* tracked segments, unlink every other one, report the rest."""
+def churn(backend: str, count: int) -> None:
+    """Create *count* tracked segments, unlink every other one, print the rest.
+
+    Prints rather than using a multiprocessing Queue: the test kills the
+    whole process group, and a Queue's named semaphores (spawn, forkserver)
+    would be left behind with the standard library's resource tracker dead.
+    """
     kept = []
     for i in range(count):
         shm = mpshm.SharedMemory(create=True, size=4096, backend=backend)
@@ -142,4 +147,5 @@ def churn(backend: str, count: int, queue: Any) -> None:
         else:
             kept.append(shm.name)
         shm.close()
-    queue.put(kept)
+    for name in kept:  # one write per line: atomic on a pipe, never interleaved
+        os.write(1, f"{name}\n".encode())

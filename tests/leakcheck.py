@@ -27,12 +27,15 @@ from mpshm.backends.mmapfile import default_dir
 
 
 def snapshot() -> set[str]:
-    """Every segment visible on every backend, as ``backend:name`` strings."""
+    """Every segment visible on every backend (and every POSIX semaphore),
+    as ``backend:name`` strings."""
     found: set[str] = set()
     if os.path.isdir("/dev/shm"):
         for entry in os.listdir("/dev/shm"):
-            if not entry.startswith("sem."):
-                found.add(f"posix:{entry}")
+            # sem.* are POSIX semaphores (multiprocessing's locks and queues):
+            # not segments, but the suite must not leak those either.
+            kind = "posix-semaphore" if entry.startswith("sem.") else "posix"
+            found.add(f"{kind}:{entry}")
     try:
         with open("/proc/sysvipc/shm") as f:
             for line in f.read().splitlines()[1:]:

@@ -304,15 +304,13 @@ def test_concurrent_creators_then_whole_group_killed(backend, method):
         if __name__ == "__main__":
             ctx = mp.get_context({method!r})
             mpshm.SharedMemory(create=True, size=64, backend={backend!r})  # tracker first
-            queue = ctx.Queue()
-            procs = [ctx.Process(target=helpers.churn, args=({backend!r}, 60, queue))
+            procs = [ctx.Process(target=helpers.churn, args=({backend!r}, 60))
                      for _ in range(4)]
             for p in procs:
                 p.start()
-            for _ in procs:
-                for name in queue.get(timeout=60):
-                    print(name)
-            print("DONE")
+            for p in procs:
+                p.join(60)
+            print("DONE", flush=True)
             time.sleep(120)
         """,
         new_group=True,
