@@ -2,7 +2,7 @@
 
 A message is a 4-byte big-endian length, then NUL-separated UTF-8 fields:
 operation (``reg``/``unreg``), backend, identifier, identity (may be empty),
-pid, and a JSON object of extras (third-party backends only, else empty).
+and a JSON object of extras (third-party backends only, else empty).
 Identifiers never contain NUL (every backend rejects it). The framing lets
 the same decoder serve SOCK_SEQPACKET (one message per packet) and
 SOCK_STREAM (where messages may arrive split or joined).
@@ -15,7 +15,7 @@ import struct
 from typing import Any, Optional
 
 _HEADER = struct.Struct("!I")
-_FIELDS = 6
+_FIELDS = 5
 
 
 def encode(
@@ -23,17 +23,16 @@ def encode(
     backend: str,
     ident: str,
     identity: Optional[str],
-    pid: int,
     extra: Optional[dict[str, Any]] = None,
 ) -> bytes:
     """Frame one message."""
-    fields = [op, backend, ident, identity or "", str(pid), json.dumps(extra) if extra else ""]
+    fields = [op, backend, ident, identity or "", json.dumps(extra) if extra else ""]
     payload = "\0".join(fields).encode("utf-8", "surrogateescape")
     return _HEADER.pack(len(payload)) + payload
 
 
 class Decoder:
-    """Turns received bytes into message dicts (``op b i id pid`` and extras)."""
+    """Turns received bytes into message dicts (``op b i id`` and extras)."""
 
     def __init__(self) -> None:
         self._buffer = b""
@@ -51,13 +50,12 @@ class Decoder:
             fields = payload.decode("utf-8", "surrogateescape").split("\0")
             if len(fields) != _FIELDS:
                 continue
-            op, backend, ident, identity, pid, extra = fields
+            op, backend, ident, identity, extra = fields
             message: dict[str, Any] = {
                 "op": op,
                 "b": backend,
                 "i": ident,
                 "id": identity or None,
-                "pid": pid,
             }
             if extra:
                 try:

@@ -22,12 +22,6 @@ __all__ = ["ShareableList", "SharedMemory"]
 _T = TypeVar("_T", bound="SharedMemory")
 
 
-def _spec(backend: Backend) -> str:
-    """Where the tracker finds *backend*'s class: ``"module:QualName"``."""
-    kind = type(backend)
-    return f"{kind.__module__}:{kind.__qualname__}"
-
-
 def _check_size(size: Any) -> int:
     try:
         value = operator.index(size)
@@ -114,7 +108,7 @@ class SharedMemory:
         elif ident is not None:
             self._attachment = chosen.create(ident, size, options)
             if track:
-                tracking.register(chosen.name, _spec(chosen), ident, self._attachment.identity)
+                tracking.register(chosen, ident, self._attachment.identity)
         else:
             self._attachment, ident = self._create_generated(chosen, size, options)
         self._created = bool(create)
@@ -126,14 +120,13 @@ class SharedMemory:
     def _create_generated(
         self, chosen: Backend, size: int, options: dict[str, Any]
     ) -> tuple[Attachment, str]:
-        module = _spec(chosen)
         while True:
             ident = chosen.generate(options)
             registered = False
             if self._track:
                 # Registered before it exists, so that a kill during creation
                 # cannot leak it (the name is random: nobody else has it).
-                registered = tracking.register(chosen.name, module, ident, None)
+                registered = tracking.register(chosen, ident, None)
             try:
                 attachment = chosen.create(ident, size, options)
             except FileExistsError:
@@ -145,7 +138,7 @@ class SharedMemory:
                     tracking.unregister(chosen.name, ident)
                 raise
             if registered and attachment.identity is not None and not chosen.unique_names:
-                tracking.register(chosen.name, module, ident, attachment.identity)
+                tracking.register(chosen, ident, attachment.identity)
             return attachment, ident
 
     @classmethod
@@ -357,26 +350,28 @@ class ShareableList:
         return 3
 
     @classmethod
-    def _format_for(cls, value: Any, slot: int, what: str) -> str:
-        kind = type(value)
-        if kind not in cls._types_mapping:
+    def _packed(cls, value: Any) -> Any:
+        """What struct packs for *value* (str encoded); unsupported types raise."""
+        if type(value) not in cls._types_mapping:
             raise _UnsupportedType(
-                f"ShareableList cannot store a value of type {kind.__name__}: "
+                f"ShareableList cannot store a value of type {type(value).__name__}: "
                 "supported types are int, float, bool, str, bytes and None"
             )
-        if isinstance(value, (str, bytes)):
-            encoded = value.encode(_encoding) if isinstance(value, str) else value
-            return _string_format(encoded, slot, what)
-        return cls._types_mapping[kind]
+        return value.encode(_encoding) if isinstance(value, str) else value
 
     @classmethod
-    def _allocation(cls, value: Any) -> int:
+    def _format_for(cls, value: Any, packed: Any, slot: int, what: str) -> str:
         if isinstance(value, (str, bytes)):
-            encoded = value.encode(_encoding) if isinstance(value, str) else value
-            slot = cls._alignment * (len(encoded) // cls._alignment + 1)
+            return _string_format(packed, slot, what)
+        return cls._types_mapping[type(value)]
+
+    @classmethod
+    def _allocation(cls, value: Any, packed: Any) -> int:
+        if isinstance(value, (str, bytes)):
+            slot = cls._alignment * (len(packed) // cls._alignment + 1)
             if slot >= 10_000_000:
                 raise ValueError(
-                    f"a {type(value).__name__} of {len(encoded)} bytes is too large for a "
+                    f"a {type(value).__name__} of {len(packed)} bytes is too large for a "
                     "ShareableList (its layout describes values of at most 9999991 bytes); "
                     "store it in a SharedMemory segment instead"
                 )
@@ -397,9 +392,10 @@ class ShareableList:
             offset = 0
             self._allocated_offsets = [0]
             formats = []
-            for position, item in enumerate(items):
-                slot = self._allocation(item)
-                formats.append(self._format_for(item, slot, f"item {position}"))
+            packed = [self._packed(item) for item in items]
+            for position, (item, data) in enumerate(zip(items, packed)):
+                slot = self._allocation(item, data)
+                formats.append(self._format_for(item, data, slot, f"item {position}"))
                 offset += slot
                 self._allocated_offsets.append(offset)
             requested_size = 8 * (self._list_len + 2) + offset + 8 * self._list_len + self._list_len
@@ -414,13 +410,9 @@ class ShareableList:
                 self._list_len,
                 *self._allocated_offsets,
             )
-            for position, item in enumerate(items):
-                struct.pack_into(
-                    formats[position],
-                    buf,
-                    self._offset_data_start + self._allocated_offsets[position],
-                    item.encode(_encoding) if isinstance(item, str) else item,
-                )
+            for position, (fmt, data) in enumerate(zip(formats, packed)):
+                at = self._offset_data_start + self._allocated_offsets[position]
+                struct.pack_into(fmt, buf, at, data)
             struct.pack_into(
                 self._format_packing_metainfo,
                 buf,
@@ -434,17 +426,19 @@ class ShareableList:
                 *(self._extract_recreation_code(item) for item in items),
             )
         else:
-            self.shm = SharedMemory(name, backend=backend, **options)
-            self._list_len = len(self)
-            if not 0 <= self._list_len <= (self.shm.size - 16) // 25:
-                self.shm.close()
-                raise ValueError(
-                    f"the segment {name!r} does not hold a ShareableList "
-                    f"(its header says {self._list_len} items in {self.shm.size} bytes)"
-                )
-            self._allocated_offsets = list(
-                struct.unpack_from(self._format_size_metainfo, self.shm.buf, 8)
+            self._attach(SharedMemory(name, backend=backend, **options))
+
+    def _attach(self, shm: SharedMemory) -> None:
+        """Take *shm*, which holds a list someone made, and read its header."""
+        self.shm = shm
+        self._list_len = len(self)
+        if not 0 <= self._list_len <= (shm.size - 16) // 25:
+            shm.close()
+            raise ValueError(
+                f"the segment {shm.name!r} does not hold a ShareableList "
+                f"(its header says {self._list_len} items in {shm.size} bytes)"
             )
+        self._allocated_offsets = list(struct.unpack_from(self._format_size_metainfo, shm.buf, 8))
 
     # -- layout ---------------------------------------------------------------
 
@@ -526,8 +520,8 @@ class ShareableList:
     def __setitem__(self, position: int, value: Any) -> None:
         position = self._position(position, "assignment index out of range")
         slot = self._allocated_offsets[position + 1] - self._allocated_offsets[position]
-        fmt = self._format_for(value, slot, f"item {position}")
-        packed = value.encode(_encoding) if isinstance(value, str) else value
+        packed = self._packed(value)
+        fmt = self._format_for(value, packed, slot, f"item {position}")
         offset = self._offset_data_start + self._allocated_offsets[position]
         self._set_packing_format_and_transform(position, fmt, value)
         struct.pack_into(fmt, self.shm.buf, offset, packed)
@@ -570,7 +564,5 @@ class ShareableList:
 def _rebuild_list(cls: type[ShareableList], shm: SharedMemory) -> ShareableList:
     """Unpickle a :class:`ShareableList` from the handle of its segment."""
     self = cls.__new__(cls)
-    self.shm = shm
-    self._list_len = len(self)
-    self._allocated_offsets = list(struct.unpack_from(self._format_size_metainfo, shm.buf, 8))
+    self._attach(shm)
     return self

@@ -38,9 +38,12 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from . import _protocol
+
+if TYPE_CHECKING:
+    from .backends import Backend
 
 __all__ = ["ENV_VAR", "register", "tracked", "tracker_pid", "unregister"]
 
@@ -164,36 +167,39 @@ class _Client:
         return self._sock
 
     def _send_locked(self, data: bytes, start: bool) -> bool:
+        """Send *data*; with *start*, start a tracker if there is none."""
         flags = getattr(socket, "MSG_NOSIGNAL", 0)
-        for attempt in range(2):
-            sock = self._socket(start=start or attempt > 0)
-            if sock is None:
-                return False
-            try:
-                sock.sendall(data, flags)
-                return True
-            except OSError:
-                # The tracker is gone (killed?): start a new one and give it
-                # everything this process holds.
-                sock.close()
-                self._sock = None
-                if not start:
-                    return False
-                fresh = self._socket(start=True)
-                assert fresh is not None
-                for held in self._held.values():
-                    if held is not data:
-                        fresh.sendall(held, flags)
-        return False
+        sock = self._socket(start)
+        if sock is None:
+            return False
+        try:
+            sock.sendall(data, flags)
+            return True
+        except OSError:
+            sock.close()
+            self._sock = None
+        if not start:
+            return False
+        # The tracker is gone (killed?): start a new one and give it everything
+        # this process holds, *data* included (register() put it there).
+        fresh = self._socket(start=True)
+        assert fresh is not None
+        for held in self._held.values():
+            fresh.sendall(held, flags)
+        return True
 
-    def register(self, backend: str, module: str, ident: str, identity: Optional[str]) -> bool:
+    def register(self, backend: Backend, ident: str, identity: Optional[str]) -> bool:
         extra = None
-        if not module.startswith(_BUILTIN_MODULES):
+        kind = type(backend)
+        if not kind.__module__.startswith(_BUILTIN_MODULES):
             # A third-party backend: tell the tracker how to load it.
-            extra = {"m": module, "p": [os.path.abspath(p or os.curdir) for p in sys.path]}
-        data = _protocol.encode("reg", backend, ident, identity, os.getpid(), extra)
+            extra = {
+                "m": f"{kind.__module__}:{kind.__qualname__}",
+                "p": [os.path.abspath(p or os.curdir) for p in sys.path],
+            }
+        data = _protocol.encode("reg", backend.name, ident, identity, extra)
         with self._lock:
-            self._held[(backend, ident)] = data
+            self._held[(backend.name, ident)] = data
             try:
                 return self._send_locked(data, start=True)
             except Exception as exc:  # the tracker could not be started or reached
@@ -209,7 +215,7 @@ class _Client:
         with self._lock:
             self._held.pop((backend, ident), None)
             try:
-                self._send_locked(_protocol.encode("unreg", backend, ident, None, 0), start=False)
+                self._send_locked(_protocol.encode("unreg", backend, ident, None), start=False)
             except OSError:
                 pass
 
@@ -226,18 +232,17 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_client._after_fork)
 
 
-def register(backend: str, module: str, ident: str, identity: Optional[str] = None) -> bool:
+def register(backend: Backend, ident: str, identity: Optional[str] = None) -> bool:
     """Register a segment this process created with its program's tracker.
 
-    *backend* is the backend's registered name, *module* where its class
-    lives as ``"module:QualName"`` (imported by the tracker for third-party
-    backends, with this process's ``sys.path``), *ident*
-    the canonical identifier and *identity* what
+    *ident* is the canonical identifier on *backend* and *identity* what
     :meth:`~mpshm.backends.Backend.identity` returned right after creation
     (None if not known yet). Registering the same segment again updates it.
-    Returns whether the tracker got it (if not, a RuntimeWarning says so).
+    A third-party backend's class is named to the tracker, which imports it
+    with this process's ``sys.path``. Returns whether the tracker got the
+    registration (if not, a RuntimeWarning says so).
     """
-    return _client.register(backend, module, ident, identity)
+    return _client.register(backend, ident, identity)
 
 
 def unregister(backend: str, ident: str) -> None:

@@ -44,19 +44,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.02
     return time.monotonic() - start
 
 
-def run_script(code: str, timeout: float = 60, env: Optional[dict[str, str]] = None,
-               **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """Run *code* in a fresh interpreter (a separate program), capture output."""
+def _program_env(env: Optional[dict[str, str]]) -> dict[str, str]:
+    """Environment of a separate program: its own tracker, mpshm and helpers importable."""
     full_env = dict(os.environ)
-    full_env.pop("MPSHM_TRACKER", None)  # a program of its own, with its own tracker
+    full_env.pop("MPSHM_TRACKER", None)
     full_env["PYTHONPATH"] = os.pathsep.join(
         p for p in (ROOT, os.path.join(ROOT, "tests"), full_env.get("PYTHONPATH")) if p
     )
-    if env:
-        full_env.update(env)
+    full_env["PYTHONUNBUFFERED"] = "1"
+    full_env.update(env or {})
+    return full_env
+
+
+def run_script(code: str, timeout: float = 60, env: Optional[dict[str, str]] = None,
+               **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    """Run *code* in a fresh interpreter (a separate program), capture output."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=full_env, **kwargs,
+        capture_output=True, text=True, timeout=timeout, env=_program_env(env), **kwargs,
     )
 
 
@@ -64,17 +69,9 @@ def popen_script(code: str, env: Optional[dict[str, str]] = None,
                  new_group: bool = False) -> subprocess.Popen[str]:
     """Start *code* in a fresh interpreter with stdout piped (line-buffered);
     with *new_group*, in a process group of its own (to kill it whole)."""
-    full_env = dict(os.environ)
-    full_env.pop("MPSHM_TRACKER", None)
-    full_env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (ROOT, os.path.join(ROOT, "tests"), full_env.get("PYTHONPATH")) if p
-    )
-    full_env["PYTHONUNBUFFERED"] = "1"
-    if env:
-        full_env.update(env)
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_program_env(env),
         start_new_session=new_group,
     )
 

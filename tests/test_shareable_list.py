@@ -38,14 +38,18 @@ from mpshm import ShareableList, tracking
 
 
 @contextlib.contextmanager
-def shareable(sequence: Any = None, **kwargs: Any) -> Iterator[ShareableList]:
-    """Create an mpshm list; close and unlink its segment afterwards."""
-    sl = ShareableList(sequence, **kwargs)
+def owned(sl: Any) -> Iterator[Any]:
+    """Use a list just created (by either library); close and unlink it afterwards."""
     try:
         yield sl
     finally:
         sl.shm.close()
         sl.shm.unlink()
+
+
+def shareable(sequence: Any = None, **kwargs: Any) -> Any:
+    """Create an mpshm list; close and unlink its segment afterwards."""
+    return owned(ShareableList(sequence, **kwargs))
 
 
 @contextlib.contextmanager
@@ -58,15 +62,9 @@ def attached(name: str, **kwargs: Any) -> Iterator[ShareableList]:
         sl.shm.close()
 
 
-@contextlib.contextmanager
-def stdlib_list(sequence: Any) -> Iterator[shared_memory.ShareableList]:
+def stdlib_list(sequence: Any) -> Any:
     """Create a list with the standard library; close and unlink it afterwards."""
-    sl = shared_memory.ShareableList(sequence)
-    try:
-        yield sl
-    finally:
-        sl.shm.close()
-        sl.shm.unlink()
+    return owned(shared_memory.ShareableList(sequence))
 
 
 @contextlib.contextmanager

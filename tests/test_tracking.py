@@ -80,7 +80,6 @@ def test_unlinked_segment_is_not_touched_again(backend):
         import sys, mpshm
         shm = mpshm.SharedMemory({qualified!r}, create=True, size=64)
         print(shm.name)
-        sys.stdin.readline() if False else None
         import time; time.sleep(60)
         """
     )
@@ -132,11 +131,6 @@ def test_program_is_over_only_when_its_children_are(backend, method):
         f"""
         import multiprocessing as mp, os, sys, time
         import mpshm, helpers
-
-        def child(name, ready):
-            shm = mpshm.SharedMemory(name)
-            ready.set()
-            time.sleep(120)
 
         if __name__ == "__main__":
             ctx = mp.get_context({method!r})
@@ -219,7 +213,6 @@ def test_killed_tracker_is_replaced(backend):
         first = mpshm.SharedMemory(create=True, size=64, backend={backend!r})
         print(first.name)
         print(tracking.tracker_pid())
-        sys.stdin = open(0)
         time.sleep(0.5)
         second = mpshm.SharedMemory(create=True, size=64, backend={backend!r})
         print(second.name)

@@ -175,10 +175,9 @@ def resolve(
     """
     if backend is not None and not isinstance(backend, str):
         raise TypeError(f"backend= must be a backend name (str), not {type(backend).__name__}")
-    if backend is not None:
-        get(backend)  # ValueError listing what is registered
+    explicit = get(backend) if backend is not None else None  # ValueError lists the names
     if name is None:
-        chosen = get(backend or get_default_backend())
+        chosen = explicit or get(get_default_backend())
         chosen.check_options(options)
         return chosen, None
     if not isinstance(name, str):
@@ -193,6 +192,6 @@ def resolve(
             )
         chosen = get(scheme)
     else:
-        chosen = get(backend or get_default_backend())
+        chosen = explicit or get(get_default_backend())
         ident = name
     return chosen, chosen.parse(ident, options)

@@ -48,19 +48,20 @@ def check_dir(path: str, create: bool) -> None:
     others may write to without the sticky bit. Creates it (mode 0700) when
     *create* is true and it does not exist.
     """
-    if create and not os.path.lexists(path):
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not create:
+            raise FileNotFoundError(
+                errno.ENOENT, "The mmap backend's directory does not exist", path
+            ) from None
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
+            st = os.lstat(path)
         except OSError as exc:
             raise OSError(
                 exc.errno, f"cannot create the mmap backend's directory: {exc.strerror}", path
             ) from None
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            errno.ENOENT, "The mmap backend's directory does not exist", path
-        ) from None
     if stat.S_ISLNK(st.st_mode):
         raise PermissionError(
             errno.EPERM,

@@ -124,7 +124,7 @@ class PosixBackend(Backend):
                 fd,
                 size,
                 self.storage,
-                SHM_DIR if os.path.isdir(SHM_DIR) else None,
+                SHM_DIR,
                 "Free space in /dev/shm, start the container with a larger "
                 "--shm-size, or use backend='mmap' with dir= on a larger disk.",
             )

@@ -126,8 +126,8 @@ class SysVAttachment(Attachment):
 
     def __init__(self, segment: _Segment) -> None:
         self._segment: Optional[_Segment] = segment
-        self.size = int(segment.size)
-        self.buf = memoryview(segment)
+        self.buf = memoryview(segment)  # sized by the kernel's shm_segsz
+        self.size = len(self.buf)
         self.identity = str(segment.id)
 
     def close(self) -> None:
