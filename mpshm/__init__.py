@@ -13,11 +13,13 @@ Backends live in :mod:`mpshm.backends`; the default is ``posix``, or
 """
 
 from .backends import get_default_backend, set_default_backend
+from .managers import SharedMemoryManager
 from .shared_memory import ShareableList, SharedMemory
 
 __all__ = [
     "ShareableList",
     "SharedMemory",
+    "SharedMemoryManager",
     "get_default_backend",
     "set_default_backend",
 ]

@@ -25,7 +25,7 @@ _BATCH = 0.005  # seconds between reads while messages flow
 _IDLE = 0.5  # seconds without messages before waiting for the next one
 
 
-def _start_time(pid: int) -> Optional[str]:
+def start_time(pid: int) -> Optional[str]:
     """Start time of *pid* (to tell it from a later process with the same
     pid), or None if it is gone or a zombie. Without /proc: "?" if alive."""
     try:
@@ -66,7 +66,7 @@ def _carriers(needle: bytes) -> dict[int, str]:
         except OSError:
             continue
         if needle in env.split(b"\0"):
-            start = _start_time(pid)
+            start = start_time(pid)
             if start is not None:
                 found[pid] = start
     return found
@@ -91,28 +91,42 @@ class Tracker:
         self.listener = listener
         self.conns: dict[socket.socket, _protocol.Decoder] = {conn: _protocol.Decoder()}
         self.entries: dict[tuple[str, str], dict[str, Any]] = {}
+        # Entries registered with "own": destroyed when that connection closes.
+        self.owners: dict[tuple[str, str], socket.socket] = {}
         self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
         self.watched: dict[int, str] = {}
         if parent is not None:
-            start = _start_time(parent)
+            start = start_time(parent)
             if start is not None:
                 self.watched[parent] = start
 
-    def handle(self, messages: list[dict[str, Any]]) -> None:
-        """Apply register/unregister messages."""
+    def handle(self, messages: list[dict[str, Any]], conn: Optional[socket.socket] = None) -> None:
+        """Apply the register/unregister messages that came on *conn*."""
         for msg in messages:
             key = (msg["b"], msg["i"])
-            if msg["op"] == "reg":
+            op = msg["op"]
+            if op in ("reg", "own"):
                 self.entries[key] = msg
-            elif msg["op"] == "unreg":
+                if op == "own" and conn is not None:
+                    self.owners[key] = conn
+                else:
+                    self.owners.pop(key, None)
+            elif op == "unreg":
                 self.entries.pop(key, None)
+                self.owners.pop(key, None)
+
+    def closed(self, conn: socket.socket) -> None:
+        """*conn* ended: destroy what it registered with "own" and still holds."""
+        for key in [key for key, owner in self.owners.items() if owner is conn]:
+            del self.owners[key]
+            self.destroy(key, self.entries.pop(key))
 
     def still_running(self) -> bool:
         """Whether any process of the program may still be alive."""
         if self.conns:
             return True
         self.watched = {
-            pid: start for pid, start in self.watched.items() if _start_time(pid) == start
+            pid: start for pid, start in self.watched.items() if start_time(pid) == start
         }
         if self.watched:
             return True
@@ -144,9 +158,10 @@ class Tracker:
             if not data:
                 break
             received = True
-            self.handle(decoder.feed(data))
+            self.handle(decoder.feed(data), conn)
         selector.unregister(conn)
         del self.conns[conn]
+        self.closed(conn)
         conn.close()
         return received
 
@@ -180,17 +195,22 @@ class Tracker:
                 if not self.conns and not self.still_running() and not selector.select(0):
                     return
 
-    def cleanup(self) -> None:
+    def destroy(self, key: tuple[str, str], msg: dict[str, Any]) -> None:
+        """Destroy one registered segment, if it is still the one registered."""
         from . import backends
 
-        for (backend_name, ident), msg in list(self.entries.items()):
-            try:
-                if msg.get("m") and backend_name not in backends.registry:
-                    _load_backend(backends, backend_name, str(msg["m"]), msg.get("p") or [])
-                backend = backends.get(backend_name)
-                backend.destroy(ident, msg.get("id"))
-            except Exception:
-                continue
+        backend_name, ident = key
+        try:
+            if msg.get("m") and backend_name not in backends.registry:
+                _load_backend(backends, backend_name, str(msg["m"]), msg.get("p") or [])
+            backends.get(backend_name).destroy(ident, msg.get("id"))
+        except Exception:
+            pass
+
+    def cleanup(self) -> None:
+        """Destroy everything still registered (the program is over)."""
+        for key, msg in list(self.entries.items()):
+            self.destroy(key, msg)
 
 
 def _load_backend(backends: Any, name: str, spec: str, path: list[str]) -> None:

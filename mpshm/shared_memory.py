@@ -12,7 +12,7 @@ import errno
 import operator
 import struct
 import types
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, TypeVar
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Protocol, TypeVar
 
 from . import backends, tracking
 from .backends import Attachment, Backend
@@ -104,42 +104,44 @@ class SharedMemory:
         self._track = bool(track)
         if not create:
             assert ident is not None
-            self._attachment = chosen.attach(ident, options)
+            attachment = chosen.attach(ident, options)
         elif ident is not None:
-            self._attachment = chosen.create(ident, size, options)
+            attachment = chosen.create(ident, size, options)
             if track:
-                tracking.register(chosen, ident, self._attachment.identity)
+                tracking.register(chosen, ident, attachment.identity)
         else:
-            self._attachment, ident = self._create_generated(chosen, size, options)
+            registry = tracking if track else None
+            attachment, ident = _create_generated(chosen, size, options, registry)
         self._created = bool(create)
+        self._adopt(chosen, ident, name, attachment)
+
+    def _adopt(
+        self, chosen: Backend, ident: str, name: Optional[str], attachment: Attachment
+    ) -> None:
+        self._backend = chosen
         self._ident = ident
         self._name = name if name is not None else chosen.qualified(ident)
-        self._size = self._attachment.size
-        self._buf = self._attachment.buf
+        self._attachment = attachment
+        self._size = attachment.size
+        self._buf = attachment.buf
 
-    def _create_generated(
-        self, chosen: Backend, size: int, options: dict[str, Any]
-    ) -> tuple[Attachment, str]:
-        while True:
-            ident = chosen.generate(options)
-            registered = False
-            if self._track:
-                # Registered before it exists, so that a kill during creation
-                # cannot leak it (the name is random: nobody else has it).
-                registered = tracking.register(chosen, ident, None)
-            try:
-                attachment = chosen.create(ident, size, options)
-            except FileExistsError:
-                if self._track:
-                    tracking.unregister(chosen.name, ident)
-                continue
-            except BaseException:
-                if self._track:
-                    tracking.unregister(chosen.name, ident)
-                raise
-            if registered and attachment.identity is not None and not chosen.unique_names:
-                tracking.register(chosen, ident, attachment.identity)
-            return attachment, ident
+    @classmethod
+    def _create_in(
+        cls: type[_T], registry: tracking.Scope, size: int, backend: Optional[str],
+        options: dict[str, Any],
+    ) -> _T:
+        """A new segment with a generated name, registered with *registry*
+        (its owner's :class:`~mpshm.tracking.Scope`) instead of the program's tracker."""
+        size = _check_size(size)
+        if size == 0:
+            raise ValueError("'size' must be a positive number different from zero")
+        chosen, _ = backends.resolve(None, backend, options)
+        attachment, ident = _create_generated(chosen, size, options, registry)
+        self = cls.__new__(cls)
+        self._track = False
+        self._created = True
+        self._adopt(chosen, ident, None, attachment)
+        return self
 
     @classmethod
     def _from_handle(cls: type[_T], backend: str, ident: str, name: str, size: int) -> _T:
@@ -161,13 +163,8 @@ class SharedMemory:
                 f"the shared memory segment {name!r} has {attachment.size} bytes but the "
                 f"pickled handle says {size}: the name now refers to another segment"
             )
-        self._backend = chosen
-        self._ident = ident
-        self._name = name
-        self._attachment = attachment
-        self._size = attachment.size
-        self._buf = attachment.buf
         self._track = False
+        self._adopt(chosen, ident, name, attachment)
         return self
 
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
@@ -240,6 +237,37 @@ class SharedMemory:
             # other may be (by whichever process of this program created it).
             if self._track or not self._created:
                 tracking.unregister(self._backend.name, self._ident)
+
+
+class _Registry(Protocol):
+    def register(self, backend: Backend, ident: str, identity: Optional[str] = None) -> bool: ...
+
+    def unregister(self, backend: str, ident: str) -> None: ...
+
+
+def _create_generated(
+    chosen: Backend, size: int, options: dict[str, Any], registry: Optional[_Registry]
+) -> tuple[Attachment, str]:
+    """Create a segment with a fresh name; register it with *registry* (the
+    :mod:`~mpshm.tracking` module, a Scope, or None for untracked)."""
+    while True:
+        ident = chosen.generate(options)
+        registered = False
+        if registry is not None:
+            # Registered before it exists, so that a kill during creation
+            # cannot leak it (the name is random: nobody else has it).
+            registered = registry.register(chosen, ident, None)
+        try:
+            attachment = chosen.create(ident, size, options)
+        except BaseException as exc:
+            if registry is not None:
+                registry.unregister(chosen.name, ident)
+            if isinstance(exc, FileExistsError):
+                continue
+            raise
+        if registered and attachment.identity is not None and not chosen.unique_names:
+            registry.register(chosen, ident, attachment.identity)  # type: ignore[union-attr]
+        return attachment, ident
 
 
 def _rebuild(
@@ -387,46 +415,48 @@ class ShareableList:
         **options: Any,
     ) -> None:
         if name is None or sequence is not None:
-            items = list(sequence or ())
-            self._list_len = len(items)
-            offset = 0
-            self._allocated_offsets = [0]
-            formats = []
-            packed = [self._packed(item) for item in items]
-            for position, (item, data) in enumerate(zip(items, packed)):
-                slot = self._allocation(item, data)
-                formats.append(self._format_for(item, data, slot, f"item {position}"))
-                offset += slot
-                self._allocated_offsets.append(offset)
-            requested_size = 8 * (self._list_len + 2) + offset + 8 * self._list_len + self._list_len
-            self.shm = SharedMemory(
-                name, create=True, size=requested_size, backend=backend, **options
-            )
-            buf = self.shm.buf
-            struct.pack_into(
-                "q" + self._format_size_metainfo,
-                buf,
-                0,
-                self._list_len,
-                *self._allocated_offsets,
-            )
-            for position, (fmt, data) in enumerate(zip(formats, packed)):
-                at = self._offset_data_start + self._allocated_offsets[position]
-                struct.pack_into(fmt, buf, at, data)
-            struct.pack_into(
-                self._format_packing_metainfo,
-                buf,
-                self._offset_packing_formats,
-                *(fmt.encode(_encoding) for fmt in formats),
-            )
-            struct.pack_into(
-                self._format_back_transform_codes,
-                buf,
-                self._offset_back_transform_codes,
-                *(self._extract_recreation_code(item) for item in items),
+            self._build(
+                sequence,
+                lambda size: SharedMemory(name, create=True, size=size, backend=backend, **options),
             )
         else:
             self._attach(SharedMemory(name, backend=backend, **options))
+
+    def _build(
+        self, sequence: Optional[Iterable[Any]], make: Callable[[int], SharedMemory]
+    ) -> None:
+        """Lay *sequence* out in a new segment of the size it needs, made by *make*."""
+        items = list(sequence or ())
+        self._list_len = len(items)
+        offset = 0
+        self._allocated_offsets = [0]
+        formats = []
+        packed = [self._packed(item) for item in items]
+        for position, (item, data) in enumerate(zip(items, packed)):
+            slot = self._allocation(item, data)
+            formats.append(self._format_for(item, data, slot, f"item {position}"))
+            offset += slot
+            self._allocated_offsets.append(offset)
+        self.shm = make(8 * (self._list_len + 2) + offset + 8 * self._list_len + self._list_len)
+        buf = self.shm.buf
+        struct.pack_into(
+            "q" + self._format_size_metainfo, buf, 0, self._list_len, *self._allocated_offsets
+        )
+        for position, (fmt, data) in enumerate(zip(formats, packed)):
+            at = self._offset_data_start + self._allocated_offsets[position]
+            struct.pack_into(fmt, buf, at, data)
+        struct.pack_into(
+            self._format_packing_metainfo,
+            buf,
+            self._offset_packing_formats,
+            *(fmt.encode(_encoding) for fmt in formats),
+        )
+        struct.pack_into(
+            self._format_back_transform_codes,
+            buf,
+            self._offset_back_transform_codes,
+            *(self._extract_recreation_code(item) for item in items),
+        )
 
     def _attach(self, shm: SharedMemory) -> None:
         """Take *shm*, which holds a list someone made, and read its header."""

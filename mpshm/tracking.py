@@ -21,6 +21,10 @@ How the tracker knows the program is over:
 * a ``multiprocessing`` child that starts a tracker of its own (its parent
   had none yet) also waits for that parent.
 
+A :class:`Scope` registers segments on a connection of its own instead: the
+tracker destroys those as soon as that connection closes, which is how a
+manager's server makes its segments die with it.
+
 Nothing here touches ``multiprocessing``'s resource tracker. Processes that
 only attach never register anything, so they never destroy a segment
 (CPython gh-82300). Before destroying, the tracker checks that the name
@@ -45,7 +49,15 @@ from . import _protocol
 if TYPE_CHECKING:
     from .backends import Backend
 
-__all__ = ["ENV_VAR", "register", "tracked", "tracker_pid", "unregister"]
+__all__ = [
+    "ENV_VAR",
+    "Scope",
+    "ensure_running",
+    "register",
+    "tracked",
+    "tracker_pid",
+    "unregister",
+]
 
 #: Environment variable naming the tracker of this program.
 ENV_VAR = "MPSHM_TRACKER"
@@ -79,9 +91,12 @@ def _address_from_env(value: str) -> str:
 
 
 class _Client:
-    """This process's connection to its program's tracker."""
+    """A connection to this program's tracker. *op* is what registrations
+    say: ``reg`` (destroy when the program is over) or ``own`` (destroy as
+    soon as this connection closes)."""
 
-    def __init__(self) -> None:
+    def __init__(self, op: str = "reg") -> None:
+        self._op = op
         self._lock = threading.Lock()
         self._sock: Optional[socket.socket] = None
         self._pid: Optional[int] = None
@@ -197,7 +212,7 @@ class _Client:
                 "m": f"{kind.__module__}:{kind.__qualname__}",
                 "p": [os.path.abspath(p or os.curdir) for p in sys.path],
             }
-        data = _protocol.encode("reg", backend.name, ident, identity, extra)
+        data = _protocol.encode(self._op, backend.name, ident, identity, extra)
         with self._lock:
             self._held[(backend.name, ident)] = data
             try:
@@ -223,6 +238,17 @@ class _Client:
         with self._lock:
             return list(self._held)
 
+    def ensure_connected(self) -> None:
+        with self._lock:
+            self._socket(start=True)
+
+    def close(self) -> None:
+        with self._lock:
+            self._held = {}
+            sock, self._sock = self._sock, None
+            if sock is not None:
+                sock.close()
+
     def pid(self) -> Optional[int]:
         return self._pid
 
@@ -230,6 +256,48 @@ class _Client:
 _client = _Client()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_client._after_fork)
+
+
+def ensure_running() -> None:
+    """Start this program's tracker now if it has none yet.
+
+    Call it before starting long-lived helper processes (a manager's server,
+    say) so that they find the tracker in their environment and the program
+    keeps a single one.
+    """
+    _client.ensure_connected()
+
+
+class Scope:
+    """Registrations that end with a connection of their own.
+
+    Segments registered here are destroyed by the tracker as soon as this
+    object's connection to it closes without having unregistered them: on
+    :meth:`close`, or when this process ends in any way (SIGKILL included),
+    not when the whole program is over. A manager's server uses one, so that
+    its segments die with it while the program that started it goes on.
+    The connection is made (and the tracker started if there is none) on
+    the first registration or :meth:`connect`.
+    """
+
+    def __init__(self) -> None:
+        self._client = _Client(op="own")
+
+    def connect(self) -> None:
+        """Connect to the tracker now (starting one if this program has none)."""
+        self._client.ensure_connected()
+
+    def register(self, backend: Backend, ident: str, identity: Optional[str] = None) -> bool:
+        """Like :func:`register`, but bound to this scope's connection."""
+        return self._client.register(backend, ident, identity)
+
+    def unregister(self, backend: str, ident: str) -> None:
+        """Like :func:`unregister`: the segment was unlinked, or is handed on."""
+        self._client.unregister(backend, ident)
+
+    def close(self) -> None:
+        """Close the connection: the tracker destroys what is still registered."""
+        self._client.close()
 
 
 def register(backend: Backend, ident: str, identity: Optional[str] = None) -> bool:

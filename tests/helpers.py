@@ -67,12 +67,12 @@ def run_script(code: str, timeout: float = 60, env: Optional[dict[str, str]] = N
 
 def popen_script(code: str, env: Optional[dict[str, str]] = None,
                  new_group: bool = False) -> subprocess.Popen[str]:
-    """Start *code* in a fresh interpreter with stdout piped (line-buffered);
+    """Start *code* in a fresh interpreter with stdin, stdout and stderr piped;
     with *new_group*, in a process group of its own (to kill it whole)."""
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_program_env(env),
-        start_new_session=new_group,
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=_program_env(env), start_new_session=new_group,
     )
 
 
@@ -118,6 +118,13 @@ def child_list_read(sl: mpshm.ShareableList, queue: Any) -> None:
     queue.put(list(sl))
     sl[0] = "changed"
     sl.shm.close()
+
+
+def spin_write(args: tuple[mpshm.SharedMemory, int]) -> None:
+    """Pool task: keep incrementing one byte of a segment until killed."""
+    shm, slot = args
+    while True:
+        shm.buf[slot] = (shm.buf[slot] + 1) % 256
 
 
 def hold_segment(name: str, ready: Any) -> None:

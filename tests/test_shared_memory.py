@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import os
 import pickle
@@ -310,6 +311,55 @@ def test_views_outlive_close_without_buffer_error(backend):
         assert array[10] == 9
     finally:
         mpshm.SharedMemory(name).unlink()
+
+
+def _mappings(shm):
+    """How many of this process's mappings are of *shm*'s segment."""
+    if shm.backend == "sysv":
+        marker = f"/SYSV{int(shm.name.split(':')[1], 16):08x}"
+    elif shm.backend == "posix":
+        marker = f"/dev/shm/{shm.name.lstrip('/')}"
+    else:
+        marker = shm.name.split(":", 1)[1]
+    with open("/proc/self/maps") as f:
+        return sum(line.rstrip().endswith(marker) or f"{marker} (deleted)" in line for line in f)
+
+
+@pytest.mark.parametrize("how", ["ndarray", "variable"])
+def test_close_keeps_memory_referenced_without_export(backend, how):
+    """np.ndarray(buffer=shm.buf) holds the mapping without exporting its buffer
+    (numpy#23305), and a variable can hold shm.buf itself: close() must not unmap
+    that memory (the standard library does, and the next access crashes), and
+    the mapping must go once they do."""
+    shm = mpshm.SharedMemory(create=True, size=4096, backend=backend)
+    try:
+        if how == "ndarray":
+            user = np.ndarray((512,), dtype=np.int64, buffer=shm.buf)
+            user[:] = np.arange(512)
+        else:
+            user = shm.buf
+            user[:2] = b"ok"
+        shm.close()
+        assert _mappings(shm) == 1
+        if how == "ndarray":
+            assert int(user.sum()) == sum(range(512))
+        else:
+            assert bytes(user[:2]) == b"ok"
+        del user
+        gc.collect()
+        assert _mappings(shm) == 0
+    finally:
+        shm.unlink()
+
+
+def test_close_unmaps_when_nothing_uses_the_memory(backend):
+    shm = mpshm.SharedMemory(create=True, size=4096, backend=backend)
+    try:
+        assert _mappings(shm) == 1
+        shm.close()
+        assert _mappings(shm) == 0
+    finally:
+        shm.unlink()
 
 
 def test_unlinked_segment_stays_usable_while_mapped(make_shm):

@@ -352,3 +352,30 @@ def test_tracker_that_cannot_start_is_a_warning_not_a_failure(backend):
     count, category, message = result.stdout.split(" ", 2)
     assert (count, category) == ("1", "RuntimeWarning")
     assert "tracker" in message and "not be destroyed automatically" in message
+
+
+def test_scope_destroys_its_segments_when_closed(backend):
+    """A Scope's registrations end with its connection, not with the program:
+    closing it destroys what it still holds (and only that) while this
+    program goes on."""
+    from mpshm import tracking
+
+    scope = tracking.Scope()
+    held = mpshm.SharedMemory(create=True, size=4096, backend=backend, track=False)
+    handed_on = mpshm.SharedMemory(create=True, size=4096, backend=backend, track=False)
+    try:
+        for shm in (held, handed_on):
+            scope.register(shm._backend, shm._ident, shm._attachment.identity)
+        scope.unregister(handed_on.backend, handed_on._ident)
+        time.sleep(0.1)  # both still exist while the scope is open
+        assert exists(held.name) and exists(handed_on.name)
+        scope.close()
+        took = wait_until(lambda: not exists(held.name), CLEANUP_LIMIT)
+        print(f"scope cleanup ({backend}): {took * 1000:.1f} ms")
+        assert exists(handed_on.name)
+    finally:
+        held.close()
+        handed_on.close()
+        handed_on.unlink()
+        if exists(held.name):
+            held.unlink()

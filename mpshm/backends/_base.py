@@ -21,6 +21,7 @@ import mmap
 import os
 import secrets
 import stat
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
@@ -32,6 +33,7 @@ __all__ = [
     "list_files",
     "no_space",
     "random_token",
+    "release_view",
 ]
 
 #: Random bits in generated names (issue 7 asks for at least 64).
@@ -90,6 +92,24 @@ class SegmentInfo:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
 
+def release_view(buf: memoryview) -> bool:
+    """Release *buf* if nothing else uses it; return whether it was released.
+
+    A memoryview cannot be released while views made from it export its
+    buffer (BufferError); one that something else still references (a
+    variable holding ``shm.buf``) is left alone too, so that closing never
+    pulls memory from under a user. The memory goes with its last user.
+    """
+    # References: the caller's variable, our argument, getrefcount's own.
+    if sys.getrefcount(buf) > 3:
+        return False
+    try:
+        buf.release()
+    except BufferError:
+        return False
+    return True
+
+
 class Attachment(abc.ABC):
     """A segment mapped into this process.
 
@@ -123,14 +143,14 @@ class MmapAttachment(Attachment):
     def close(self) -> None:
         buf, self.buf = self.buf, None
         mm, self._mmap = self._mmap, None
-        if buf is not None:
-            try:
-                buf.release()
-            except BufferError:
-                # Someone holds a view of ``buf`` (a NumPy array, say); the
-                # view keeps the mmap alive and unmaps it when it goes.
-                return
-        if mm is not None:
+        if buf is not None and not release_view(buf):
+            # ``buf`` is still in use; it keeps the mmap alive and unmaps it
+            # when the last user lets go.
+            return
+        # References besides ours and getrefcount's: someone uses the mmap
+        # itself without exporting it. NumPy's np.ndarray(..., buffer=shm.buf)
+        # does (the array's base is the mmap); closing would unmap its memory.
+        if mm is not None and sys.getrefcount(mm) <= 2:
             try:
                 mm.close()
             except BufferError:

@@ -26,7 +26,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import sysv_ipc
 
-from ._base import Attachment, Backend, SegmentInfo, format_size, no_space
+from ._base import Attachment, Backend, SegmentInfo, format_size, no_space, release_view
 
 __all__ = ["SysVBackend", "key_for"]
 
@@ -134,10 +134,7 @@ class SysVAttachment(Attachment):
         buf, self.buf = self.buf, None
         self._segment = None  # detached by _Segment.__del__ once no view is left
         if buf is not None:
-            try:
-                buf.release()
-            except BufferError:
-                pass
+            release_view(buf)
 
 
 class SysVBackend(Backend):
