@@ -17,10 +17,8 @@ import argparse
 import json
 import mmap
 import os
-import statistics
 import sys
 import tempfile
-import time
 from multiprocessing import shared_memory
 from typing import Callable
 
@@ -29,22 +27,12 @@ import sysv_ipc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _timing import median_time
+
 import mpshm
 
 SMALL = 4096
 LARGE = 64 << 20
-
-
-def timeit(fn: Callable[[], None], number: int, rounds: int) -> float:
-    """Median seconds per call over *rounds* rounds of *number* calls."""
-    fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - start) / number)
-    return statistics.median(samples)
 
 
 # -- raw baselines -----------------------------------------------------------
@@ -149,18 +137,18 @@ def main() -> None:
     n, r = 300, args.repeat
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; medians of {r} rounds\n")
     for backend in ("posix", "sysv", "mmap"):
-        base = timeit(lambda b=backend: raw_create[b](SMALL), n, r)
-        tracked = timeit(lambda b=backend: mpshm_create(b, True)(SMALL), n, r)
-        untracked = timeit(lambda b=backend: mpshm_create(b, False)(SMALL), n, r)
+        base = median_time(lambda b=backend: raw_create[b](SMALL), n, r)
+        tracked = median_time(lambda b=backend: mpshm_create(b, True)(SMALL), n, r)
+        untracked = median_time(lambda b=backend: mpshm_create(b, False)(SMALL), n, r)
         extra = {}
         if backend == "posix":
-            extra["stdlib"] = timeit(lambda: stdlib_create(SMALL), n, r)
+            extra["stdlib"] = median_time(lambda: stdlib_create(SMALL), n, r)
         row(f"{backend}: create+destroy 4 KiB", base, mpshm=tracked, untracked=untracked,
             **extra)
 
         shm = mpshm.SharedMemory(create=True, size=SMALL, backend=backend)
         try:
-            base = timeit(raw_attach(backend, shm.name), n * 3, r)
+            base = median_time(raw_attach(backend, shm.name), n * 3, r)
 
             def ours(name: str = shm.name) -> None:
                 mpshm.SharedMemory(name).close()
@@ -176,17 +164,17 @@ def main() -> None:
                         from multiprocessing import resource_tracker
                         resource_tracker.unregister(s._name, "shared_memory")
 
-                extra["stdlib"] = timeit(theirs, n * 3, r)
-            row(f"{backend}: attach+detach 4 KiB", base, mpshm=timeit(ours, n * 3, r), **extra)
+                extra["stdlib"] = median_time(theirs, n * 3, r)
+            row(f"{backend}: attach+detach 4 KiB", base, mpshm=median_time(ours, n * 3, r), **extra)
         finally:
             shm.close()
             shm.unlink()
 
-        base = timeit(lambda b=backend: raw_create[b](LARGE, True), 1, r)
-        ours_large = timeit(lambda b=backend: mpshm_create(b, True)(LARGE, True), 1, r)
+        base = median_time(lambda b=backend: raw_create[b](LARGE, True), 1, r)
+        ours_large = median_time(lambda b=backend: mpshm_create(b, True)(LARGE, True), 1, r)
         extra = {}
         if backend == "posix":
-            extra["stdlib"] = timeit(lambda: stdlib_create(LARGE, True), 1, r)
+            extra["stdlib"] = median_time(lambda: stdlib_create(LARGE, True), 1, r)
         row(f"{backend}: create+fill 64 MiB", base, mpshm=ours_large, **extra)
 
     if args.json:

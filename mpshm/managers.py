@@ -136,8 +136,9 @@ class SharedMemoryServer(Server):
     """The server of a :class:`SharedMemoryManager`: creates and owns its segments.
 
     Besides the standard library's requests (``track_segment``,
-    ``release_segment``, ``list_segments``) it serves ``mpshm_create``,
-    ``mpshm_release`` and ``mpshm_segments``, which the manager uses.
+    ``release_segment``, ``list_segments``) it serves ``mpshm_session``: a
+    connection that stays open for many requests (see :meth:`mpshm_session`),
+    which the manager's clients use.
     """
 
     public = [  # noqa: RUF012 (the standard library's attribute)
@@ -145,9 +146,7 @@ class SharedMemoryServer(Server):
         "track_segment",
         "release_segment",
         "list_segments",
-        "mpshm_create",
-        "mpshm_release",
-        "mpshm_segments",
+        "mpshm_session",
     ]
 
     def __init__(
@@ -232,14 +231,6 @@ class SharedMemoryServer(Server):
 
     # -- requests ---------------------------------------------------------------
 
-    @staticmethod
-    def _outcome(func: Callable[[], Any]) -> tuple[bool, Any]:
-        """Run *func*; its result or its exception, to be raised as such by the client
-        (the standard library would send a traceback string instead)."""
-        try:
-            return True, func()
-        except Exception as exc:
-            return False, exc
 
     def _create(self, size: int) -> tuple[str, str, str, int]:
         size = _check_size(size)
@@ -264,19 +255,38 @@ class SharedMemoryServer(Server):
             raise ProcessError("the SharedMemoryManager is shutting down")
         return self._backend.name, held.ident, shm.name, held.size
 
-    def mpshm_create(self, c: Any, size: int) -> tuple[bool, Any]:
-        """Create a segment of *size* bytes; return its handle."""
-        return self._outcome(lambda: self._create(size))
+    def _release(self, name: str) -> None:
+        self._destroy(self._take(name))
 
-    def mpshm_release(self, c: Any, name: str) -> tuple[bool, Any]:
-        """Destroy the held segment called *name* now."""
-        return self._outcome(lambda: self._destroy(self._take(name)))
-
-    def mpshm_segments(self, c: Any) -> list[tuple[str, str, int]]:
-        """The held segments as ``(name, backend, size)``."""
+    def _segments(self) -> list[tuple[str, str, int]]:
         with self._lock:
             self._prune_locked()
             return [(name, h.backend.name, h.size) for name, h in self._held.items()]
+
+    def mpshm_session(self, c: Any) -> None:
+        """Serve requests on connection *c* until the client closes it.
+
+        Each request is ``(operation, args)`` with operation ``create``
+        (size), ``release`` (name) or ``segments`` (); each answer is
+        ``(True, result)`` or ``(False, exception)``. Keeping the
+        authenticated connection open spares every request the connection
+        set-up and the challenge exchange the standard library pays for each.
+        """
+        operations: dict[str, Callable[..., Any]] = {
+            "create": self._create,
+            "release": self._release,
+            "segments": self._segments,
+        }
+        while True:
+            try:
+                operation, args = c.recv()
+            except (EOFError, OSError):
+                return
+            try:
+                answer: tuple[bool, Any] = (True, operations[operation](*args))
+            except Exception as exc:  # raised as such by the client (not as a traceback string)
+                answer = (False, exc)
+            c.send(answer)
 
     def track_segment(self, c: Any, segment_name: str) -> None:
         """Take over a segment a client made (the standard library's protocol)."""
@@ -401,6 +411,7 @@ class SharedMemoryManager(BaseManager):
         self._config = _Config(chosen.name, dict(options), max_bytes, spec)
         extra = {"shutdown_timeout": shutdown_timeout} if sys.version_info >= (3, 11) else {}
         super().__init__(address, authkey, serializer, ctx, **extra)
+        self._sessions = threading.local()  # per thread: a connection to the server
 
     @property
     def backend(self) -> str:
@@ -433,17 +444,28 @@ class SharedMemoryManager(BaseManager):
             self._registry, self._address, self._authkey, self._serializer, self._config
         )
 
-    def _call(self, method: str, *args: Any) -> Any:
+    def _request(self, operation: str, *args: Any) -> Any:
+        """Send one request on this thread's session with the server; return its result."""
         if self._state.value != _State.STARTED:
             raise ProcessError(
                 "the SharedMemoryManager is not running: call start() (or connect() to a "
                 "running one) first, or use it in a with block"
             )
-        with self._Client(self._address, authkey=self._authkey) as conn:
-            return _dispatch(conn, None, method, args)
-
-    def _outcome(self, method: str, *args: Any) -> Any:
-        ok, value = self._call(method, *args)
+        local = self._sessions
+        conn = getattr(local, "conn", None)
+        if conn is None or local.pid != os.getpid():  # none yet, or inherited through fork
+            conn = self._Client(self._address, authkey=self._authkey)
+            conn.send((None, "mpshm_session", (), {}))
+            local.conn, local.pid = conn, os.getpid()
+        try:
+            conn.send((operation, args))
+            ok, value = conn.recv()
+        except BaseException:
+            # Interrupted or broken: the answer may never be read, so the
+            # session cannot be trusted any more. The next request opens another.
+            local.conn = None
+            conn.close()
+            raise
         if not ok:
             raise value
         return value
@@ -453,11 +475,11 @@ class SharedMemoryManager(BaseManager):
         size = _check_size(size)
         if size == 0:
             raise ValueError("'size' must be a positive number different from zero")
-        backend, ident, name, size = self._outcome("mpshm_create", size)
+        backend, ident, name, size = self._request("create", size)
         try:
             return SharedMemory._from_handle(backend, ident, name, size)
         except BaseException:
-            self._call("mpshm_release", name)
+            self._request("release", name)
             raise
 
     def ShareableList(self, sequence: Optional[Iterable[Any]]) -> _shm.ShareableList:
@@ -495,10 +517,10 @@ class SharedMemoryManager(BaseManager):
                 "release() takes a SharedMemory, a ShareableList or a segment name, "
                 f"not {type(segment).__name__}"
             )
-        self._outcome("mpshm_release", name)
+        self._request("release", name)
         if isinstance(shm, SharedMemory):
             shm.close()
 
     def segments(self) -> list[ManagedSegment]:
         """The segments the manager holds now (name, backend, size)."""
-        return [ManagedSegment(*entry) for entry in self._call("mpshm_segments")]
+        return [ManagedSegment(*entry) for entry in self._request("segments")]

@@ -865,3 +865,56 @@ def test_threads_create_and_release_concurrently(backend: str) -> None:
             assert shm.buf[0] == shm.size - 100
     assert all_gone(all_names) == []
 
+
+
+# -- sessions: one connection per thread and process ------------------------------------
+
+
+def _create_in_forked_child(smm: SharedMemoryManager, queue: Any) -> None:
+    """Use the parent's manager object (inherited through fork) from the child."""
+    made = [smm.SharedMemory(100) for _ in range(30)]
+    queue.put([(shm.name, shm.size) for shm in made])
+    for shm in made:
+        shm.close()
+
+
+def test_forked_child_uses_the_inherited_manager_object(backend: str) -> None:
+    """A child forked after the parent opened its session must not share that
+    connection (the answers would go to the wrong process)."""
+    ctx = multiprocessing.get_context("fork")
+    with SharedMemoryManager(backend=backend) as smm:
+        first = smm.SharedMemory(10)  # the parent's session is open now
+        queue = ctx.Queue()
+        child = ctx.Process(target=_create_in_forked_child, args=(smm, queue))
+        child.start()
+        ours = [smm.SharedMemory(10) for _ in range(30)]  # meanwhile, in the parent
+        theirs = queue.get(timeout=JOIN)
+        child.join(JOIN)
+        assert child.exitcode == 0
+        assert {size for _, size in theirs} == {100}
+        assert {shm.size for shm in ours} == {10}
+        names = [first.name] + [shm.name for shm in ours] + [name for name, _ in theirs]
+        assert segment_names(smm) == set(names) and len(set(names)) == 61
+        for shm in ours:
+            shm.close()
+    assert all_gone(names) == []
+
+
+def test_interrupted_request_does_not_desynchronize_the_session(monkeypatch: Any) -> None:
+    """Ctrl-C between sending a request and reading its answer: the next
+    request must get its own answer, not the one left unread."""
+    with SharedMemoryManager() as smm:
+        smm.SharedMemory(10)
+        conn = smm._sessions.conn
+        real_recv = conn.recv
+
+        def interrupted() -> Any:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(conn, "recv", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            smm.segments()
+        monkeypatch.setattr(conn, "recv", real_recv)
+        shm = smm.SharedMemory(64)  # would read the unread segments() answer if desynced
+        assert isinstance(shm, mpshm.SharedMemory) and shm.size == 64
+        assert len(smm.segments()) == 2

@@ -103,7 +103,7 @@ def _finish(proc: subprocess.Popen[str], text: str = "") -> tuple[str, str]:
         proc.send_signal(signal.SIGUSR1)
         time.sleep(1)
         os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
+        _, err = proc.communicate()
         raise AssertionError(f"the program did not finish; its stacks:\n{err}") from None
 
 
