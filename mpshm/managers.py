@@ -24,7 +24,7 @@ import select
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing import ProcessError, managers, process, util
 from multiprocessing.managers import BaseManager, Server
 from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Union
@@ -431,7 +431,7 @@ class SharedMemoryManager(BaseManager):
             raise TypeError("initializer must be a callable")
         # One tracker for the whole program, found by the server in its environment.
         tracking.ensure_running()
-        config = _Config(**{**self._config.__dict__, "starter": os.getpid()})
+        config = replace(self._config, starter=os.getpid())
         super().start(_configure, (config, initializer, tuple(initargs)))
 
     def get_server(self) -> SharedMemoryServer:
