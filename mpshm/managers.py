@@ -165,6 +165,7 @@ class SharedMemoryServer(Server):
             backends.register(config.backend, config.spec)
         self._config = config
         self._backend = backends.get(config.backend)
+        self._backend.check_options(config.options)
         self._lock = threading.Lock()
         self._held: dict[str, _Held] = {}
         self._bytes = 0  # held plus being created
@@ -231,14 +232,11 @@ class SharedMemoryServer(Server):
 
     # -- requests ---------------------------------------------------------------
 
-
     def _create(self, size: int) -> tuple[str, str, str, int]:
-        size = _check_size(size)
+        size = _check_size(size, nonzero=True)
         self._reserve(size)
         try:
-            shm = SharedMemory._create_in(
-                self._scope, size, self._backend.name, dict(self._config.options)
-            )
+            shm = SharedMemory._create_in(self._scope, size, self._backend, self._config.options)
         except BaseException:
             with self._lock:
                 self._bytes -= size
@@ -311,7 +309,7 @@ class SharedMemoryServer(Server):
 
     def release_segment(self, c: Any, segment_name: str) -> None:
         """Destroy one held segment now (the standard library's protocol)."""
-        self._destroy(self._take(segment_name))
+        self._release(segment_name)
 
     def list_segments(self, c: Any) -> list[str]:
         """Names of the held segments (the standard library's protocol)."""
@@ -404,11 +402,7 @@ class SharedMemoryManager(BaseManager):
         chosen, _ = backends.resolve(None, backend, options)
         if max_bytes is not None:
             max_bytes = _check_size(max_bytes)
-        kind = type(chosen)
-        spec = None
-        if not kind.__module__.startswith("mpshm.backends."):
-            spec = f"{kind.__module__}:{kind.__qualname__}"
-        self._config = _Config(chosen.name, dict(options), max_bytes, spec)
+        self._config = _Config(chosen.name, dict(options), max_bytes, chosen.import_spec())
         extra = {"shutdown_timeout": shutdown_timeout} if sys.version_info >= (3, 11) else {}
         super().__init__(address, authkey, serializer, ctx, **extra)
         self._sessions = threading.local()  # per thread: a connection to the server
@@ -472,10 +466,7 @@ class SharedMemoryManager(BaseManager):
 
     def SharedMemory(self, size: int) -> _shm.SharedMemory:
         """A new segment of *size* bytes, owned by the manager."""
-        size = _check_size(size)
-        if size == 0:
-            raise ValueError("'size' must be a positive number different from zero")
-        backend, ident, name, size = self._request("create", size)
+        backend, ident, name, size = self._request("create", _check_size(size, nonzero=True))
         try:
             return SharedMemory._from_handle(backend, ident, name, size)
         except BaseException:

@@ -12,7 +12,17 @@ import errno
 import operator
 import struct
 import types
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Protocol, TypeVar
+from typing import (
+    Any,
+    Callable,
+    ClassVar,
+    Iterable,
+    Iterator,
+    Mapping,
+    Optional,
+    Protocol,
+    TypeVar,
+)
 
 from . import backends, tracking
 from .backends import Attachment, Backend
@@ -22,7 +32,9 @@ __all__ = ["ShareableList", "SharedMemory"]
 _T = TypeVar("_T", bound="SharedMemory")
 
 
-def _check_size(size: Any) -> int:
+def _check_size(size: Any, nonzero: bool = False) -> int:
+    """*size* as an int; TypeError/ValueError as the standard library words them.
+    With *nonzero* (creating a segment), 0 is refused too."""
     try:
         value = operator.index(size)
     except TypeError:
@@ -31,6 +43,8 @@ def _check_size(size: Any) -> int:
         ) from None
     if value < 0:
         raise ValueError("'size' must be a positive integer")
+    if nonzero and value == 0:
+        raise ValueError("'size' must be a positive number different from zero")
     return value
 
 
@@ -94,9 +108,7 @@ class SharedMemory:
         backend: Optional[str] = None,
         **options: Any,
     ) -> None:
-        size = _check_size(size)
-        if create and size == 0:
-            raise ValueError("'size' must be a positive number different from zero")
+        size = _check_size(size, nonzero=create)
         if name is None and not create:
             raise ValueError("'name' can only be None if create=True")
         chosen, ident = backends.resolve(name, backend, options)
@@ -127,15 +139,12 @@ class SharedMemory:
 
     @classmethod
     def _create_in(
-        cls: type[_T], registry: tracking.Scope, size: int, backend: Optional[str],
-        options: dict[str, Any],
+        cls: type[_T], registry: tracking.Scope, size: int, chosen: Backend,
+        options: Mapping[str, Any],
     ) -> _T:
-        """A new segment with a generated name, registered with *registry*
+        """A new segment of *size* bytes (checked by the caller) with a generated
+        name on *chosen* (its *options* checked too), registered with *registry*
         (its owner's :class:`~mpshm.tracking.Scope`) instead of the program's tracker."""
-        size = _check_size(size)
-        if size == 0:
-            raise ValueError("'size' must be a positive number different from zero")
-        chosen, _ = backends.resolve(None, backend, options)
         attachment, ident = _create_generated(chosen, size, options, registry)
         self = cls.__new__(cls)
         self._track = False
@@ -246,7 +255,7 @@ class _Registry(Protocol):
 
 
 def _create_generated(
-    chosen: Backend, size: int, options: dict[str, Any], registry: Optional[_Registry]
+    chosen: Backend, size: int, options: Mapping[str, Any], registry: Optional[_Registry]
 ) -> tuple[Attachment, str]:
     """Create a segment with a fresh name; register it with *registry* (the
     :mod:`~mpshm.tracking` module, a Scope, or None for untracked)."""

@@ -79,7 +79,6 @@ def _socket_type() -> int:
 
 
 _SOCK_TYPE = _socket_type()
-_BUILTIN_MODULES = ("mpshm.backends.",)
 
 
 def _address_to_env(address: str) -> str:
@@ -205,13 +204,9 @@ class _Client:
 
     def register(self, backend: Backend, ident: str, identity: Optional[str]) -> bool:
         extra = None
-        kind = type(backend)
-        if not kind.__module__.startswith(_BUILTIN_MODULES):
-            # A third-party backend: tell the tracker how to load it.
-            extra = {
-                "m": f"{kind.__module__}:{kind.__qualname__}",
-                "p": [os.path.abspath(p or os.curdir) for p in sys.path],
-            }
+        spec = backend.import_spec()
+        if spec is not None:  # a third-party backend: tell the tracker how to load it
+            extra = {"m": spec, "p": [os.path.abspath(p or os.curdir) for p in sys.path]}
         data = _protocol.encode(self._op, backend.name, ident, identity, extra)
         with self._lock:
             self._held[(backend.name, ident)] = data

@@ -45,7 +45,13 @@ def main():
                 while shms[0].buf[0] == 0 or shms[1].buf[1] == 0:
                     time.sleep(0.01)
                 print(json.dumps({{"names": names, "server": smm._process.pid}}), flush=True)
-                result.get()
+                # Not result.get(): a wait with no timeout blocks in a lock that
+                # the signal may not interrupt (it can land on one of the Pool's
+                # threads), and Ctrl-C is then never seen. Seen here once in
+                # about ten full-suite runs; waiting in slices is what programs
+                # that want Ctrl-C to work must do anyway.
+                while not result.ready():
+                    result.wait(0.05)
         else:
             print(json.dumps({{"names": names, "server": smm._process.pid}}), flush=True)
             sys.stdin.readline()  # the test kills something, then says go on

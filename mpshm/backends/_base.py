@@ -246,6 +246,14 @@ class Backend(abc.ABC):
     def list(self) -> list[SegmentInfo]:
         """List the segments that exist on this storage (readable by us)."""
 
+    def import_spec(self) -> Optional[str]:
+        """``"module:Class"`` for a backend defined outside mpshm (so that another
+        process can import and register it), None for a built-in one."""
+        kind = type(self)
+        if kind.__module__.startswith("mpshm.backends."):
+            return None
+        return f"{kind.__module__}:{kind.__qualname__}"
+
     def available(self) -> Optional[str]:
         """Return None if the backend works here, else the reason it does not."""
         return None
