@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -56,12 +57,21 @@ def _program_env(env: Optional[dict[str, str]]) -> dict[str, str]:
     return full_env
 
 
+def _default_sigint() -> None:
+    """In a child before exec: SIGINT back to its default. A test run started in
+    the background by a shell inherits SIGINT ignored, and Python then installs
+    no KeyboardInterrupt handler; the programs must react to Ctrl-C as a
+    user's would."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_script(code: str, timeout: float = 60, env: Optional[dict[str, str]] = None,
                **kwargs: Any) -> subprocess.CompletedProcess[str]:
     """Run *code* in a fresh interpreter (a separate program), capture output."""
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True, text=True, timeout=timeout, env=_program_env(env), **kwargs,
+        capture_output=True, text=True, timeout=timeout, env=_program_env(env),
+        preexec_fn=_default_sigint, **kwargs,
     )
 
 
@@ -72,7 +82,7 @@ def popen_script(code: str, env: Optional[dict[str, str]] = None,
     return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env=_program_env(env), start_new_session=new_group,
+        env=_program_env(env), start_new_session=new_group, preexec_fn=_default_sigint,
     )
 
 
