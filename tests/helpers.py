@@ -163,3 +163,57 @@ def churn(backend: str, count: int) -> None:
         shm.close()
     for name in kept:  # one write per line: atomic on a pipe, never interleaved
         os.write(1, f"{name}\n".encode())
+
+
+def recreate(name: str, backend: str, stop: Any, rounds: Any) -> None:
+    """Pool/Process target: create and destroy segment *name* until *stop* is set."""
+    while not stop.is_set():
+        shm = mpshm.SharedMemory(name, create=True, size=4096, backend=backend, track=False)
+        shm.close()
+        shm.unlink()
+        with rounds.get_lock():
+            rounds.value += 1
+
+
+# --------------------------------------------------------------------------
+# Pool tasks (importable by spawned workers)
+
+
+def segment_of(arr: Any) -> Optional[str]:
+    """Name of the segment this process maps that holds *arr*'s memory, or None."""
+    from mpshm import reduction
+
+    address = reduction.buffer_address(arr if arr.flags.c_contiguous else arr.base)
+    for owner, region in list(reduction._regions.items()):
+        if not reduction._mapped(owner):
+            continue
+        start = reduction.buffer_address(owner)
+        if start <= address < start + region.size:
+            return region.name
+    return None
+
+
+def describe(arr: Any) -> tuple[float, bool, Optional[str], int]:
+    """(sum, writable, segment name, pid) of a received array."""
+    return float(arr.sum()), bool(arr.flags.writeable), segment_of(arr), os.getpid()
+
+
+def fill(arr: Any, value: float) -> Optional[str]:
+    """Write *value* everywhere in *arr* (a writable shared array)."""
+    arr[...] = value
+    return segment_of(arr)
+
+
+def make_array(n: int, value: float) -> Any:
+    """A new float64 array of *n* items, all *value*."""
+    import numpy as np
+
+    return np.full(n, value)
+
+
+def park(arr: Any, path: str) -> None:
+    """Record the received array's segment and pid in *path*, then wait forever."""
+    with open(path + ".tmp", "w") as f:
+        f.write(f"{os.getpid()} {segment_of(arr)}\n")
+    os.replace(path + ".tmp", path)
+    time.sleep(600)

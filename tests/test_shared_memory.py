@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import gc
 import hashlib
+import multiprocessing
 import os
 import pickle
 import stat
@@ -12,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import exists, unique
+from helpers import exists, recreate, unique
 
 import mpshm
 from mpshm import backends
@@ -384,6 +385,32 @@ def _break_mapping(monkeypatch, backend):
         monkeypatch.setattr(sysv, "SysVAttachment", fail)
     else:
         monkeypatch.setattr(backends._base.mmap, "mmap", fail)
+
+
+def test_attach_racing_destruction_is_found_or_not_found(backend):
+    """Attaching a name that another process keeps creating and destroying
+    either attaches or raises FileNotFoundError, never a backend's own error
+    (SysV's shmat after the segment went away gave ValueError)."""
+    name = f"{backend}:{unique('race')}"
+    ctx = multiprocessing.get_context("fork")
+    stop, rounds = ctx.Event(), ctx.Value("i", 0)
+    proc = ctx.Process(target=recreate, args=(name, backend, stop, rounds))
+    proc.start()
+    attached = missing = 0
+    try:
+        while rounds.value < 8000 or not (attached and missing):
+            try:
+                shm = mpshm.SharedMemory(name)
+            except FileNotFoundError:
+                missing += 1
+            else:
+                attached += 1
+                shm.close()
+            assert rounds.value < 200000, "no attach ever met a living segment"
+    finally:
+        stop.set()
+        proc.join(10)
+    assert proc.exitcode == 0
 
 
 def test_failed_attach_changes_nothing(make_shm, backend, monkeypatch):

@@ -22,6 +22,7 @@ import os
 import secrets
 import stat
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping, Optional
 
@@ -302,3 +303,27 @@ def fstat_identity(fd: int) -> str:
     """Identity of an open file: device and inode."""
     st = os.fstat(fd)
     return f"{st.st_dev}:{st.st_ino}"
+
+
+#: How long attach waits for a creator to size a segment it just made.
+SIZING_WAIT = 0.05
+
+
+def sized_stat(fd: int) -> os.stat_result:
+    """``fstat`` of a segment being attached, waiting briefly while it has size 0.
+
+    Creation is open-then-size, so an attach racing a creator can find the
+    object empty for a few microseconds; an object still empty after
+    :data:`SIZING_WAIT` seconds is returned as it is (the caller reports it).
+    """
+    st = os.fstat(fd)
+    deadline = None
+    while st.st_size == 0:
+        now = time.monotonic()
+        if deadline is None:
+            deadline = now + SIZING_WAIT
+        elif now > deadline:
+            break
+        time.sleep(0.001)
+        st = os.fstat(fd)
+    return st

@@ -23,7 +23,15 @@ import stat
 import tempfile
 from typing import Any, Mapping, Optional
 
-from ._base import Attachment, Backend, MmapAttachment, SegmentInfo, list_files, random_token
+from ._base import (
+    Attachment,
+    Backend,
+    MmapAttachment,
+    SegmentInfo,
+    list_files,
+    random_token,
+    sized_stat,
+)
 from .posix import reserve
 
 __all__ = ["MmapBackend", "default_dir"]
@@ -178,7 +186,7 @@ class MmapBackend(Backend):
                 ) from None
             raise
         try:
-            st = os.fstat(fd)
+            st = sized_stat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise ValueError(f"{self.qualified(ident)!r} is not a regular file")
             if st.st_size == 0:

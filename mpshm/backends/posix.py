@@ -28,6 +28,7 @@ from ._base import (
     list_files,
     no_space,
     random_token,
+    sized_stat,
 )
 
 __all__ = ["PosixBackend"]
@@ -142,7 +143,7 @@ class PosixBackend(Backend):
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
         shm = self._open(ident)
         try:
-            st = os.fstat(shm.fd)
+            st = sized_stat(shm.fd)
             if st.st_size == 0:
                 raise ValueError(
                     f"the POSIX shared memory segment {ident!r} has size 0: there is "

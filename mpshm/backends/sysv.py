@@ -217,14 +217,29 @@ class SysVBackend(Backend):
 
     def _open(self, ident: str, writable: bool) -> _Segment:
         key = _signed(key_for(ident))
-        try:
-            return _Segment(key, 0, mode=0o600 if writable else 0o400)
-        except sysv_ipc.ExistentialError:
-            raise FileNotFoundError(
-                errno.ENOENT, "No such System V shared memory segment", self.qualified(ident)
-            ) from None
-        except sysv_ipc.PermissionsError as exc:
-            raise PermissionError(errno.EACCES, str(exc), self.qualified(ident)) from None
+        denied: Optional[sysv_ipc.PermissionsError] = None
+        # Races with another process, each settled by looking the key up again:
+        # a segment destroyed between shmget and shmat makes shmat fail with
+        # EINVAL (ValueError from sysv_ipc) or EIDRM, and a segment being
+        # created is read-only to its owner for a moment (see create()).
+        for _ in range(3):
+            try:
+                return _Segment(key, 0, mode=0o600 if writable else 0o400)
+            except sysv_ipc.ExistentialError:
+                break
+            except ValueError:
+                continue
+            except sysv_ipc.PermissionsError as exc:
+                denied = exc
+            except OSError as exc:
+                if exc.errno != errno.EIDRM:
+                    raise
+        else:
+            if denied is not None:
+                raise PermissionError(errno.EACCES, str(denied), self.qualified(ident))
+        raise FileNotFoundError(
+            errno.ENOENT, "No such System V shared memory segment", self.qualified(ident)
+        )
 
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
         return SysVAttachment(self._open(ident, writable=True))
