@@ -10,16 +10,28 @@ Drop-in replacements for :mod:`multiprocessing.shared_memory`::
 
 Backends live in :mod:`mpshm.backends`; the default is ``posix``, or
 ``MPSHM_BACKEND``, or what :func:`set_default_backend` says.
+
+Pools whose task arguments and results travel through shared memory
+(:mod:`mpshm.pool`)::
+
+    with mpshm.Pool(4) as pool:                      # or mpshm.ProcessPoolExecutor
+        sums = pool.map(np.sum, big_arrays)           # handles, not bytes
+
+NumPy arrays that live in shared memory are in :mod:`mpshm.numpy`.
 """
 
 from .backends import get_default_backend, set_default_backend
 from .managers import SharedMemoryManager
+from .pool import Pool, ProcessPoolExecutor, get_context
 from .shared_memory import ShareableList, SharedMemory
 
 __all__ = [
+    "Pool",
+    "ProcessPoolExecutor",
     "ShareableList",
     "SharedMemory",
     "SharedMemoryManager",
+    "get_context",
     "get_default_backend",
     "set_default_backend",
 ]

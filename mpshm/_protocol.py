@@ -1,7 +1,8 @@
 """The messages between processes and their tracker (see :mod:`mpshm.tracking`).
 
 A message is a 4-byte big-endian length, then NUL-separated UTF-8 fields:
-operation (``reg``, ``own`` or ``unreg``), backend, identifier, identity (may be empty),
+operation (``reg``, ``own``, ``join``, ``unreg``, or ``scope``, which announces a
+scope's token in the identifier field), backend, identifier, identity (may be empty),
 and a JSON object of extras (third-party backends only, else empty).
 Identifiers never contain NUL (every backend rejects it). The framing lets
 the same decoder serve SOCK_SEQPACKET (one message per packet) and

@@ -93,6 +93,8 @@ class Tracker:
         self.entries: dict[tuple[str, str], dict[str, Any]] = {}
         # Entries registered with "own": destroyed when that connection closes.
         self.owners: dict[tuple[str, str], socket.socket] = {}
+        # Scope tokens announced with "scope": the connection that owns each.
+        self.scopes: dict[str, socket.socket] = {}
         self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
         self.watched: dict[int, str] = {}
         if parent is not None:
@@ -105,10 +107,22 @@ class Tracker:
         for msg in messages:
             key = (msg["b"], msg["i"])
             op = msg["op"]
-            if op in ("reg", "own"):
+            if op == "scope":
+                if conn is not None:
+                    token = msg["i"]
+                    self.scopes[token] = conn
+                    # "join"s that were read before the announcement (another
+                    # connection's messages may be read first).
+                    for joined, entry in self.entries.items():
+                        if entry.get("s") == token and joined not in self.owners:
+                            self.owners[joined] = conn
+            elif op in ("reg", "own", "join"):
                 self.entries[key] = msg
-                if op == "own" and conn is not None:
-                    self.owners[key] = conn
+                owner = conn if op == "own" else None
+                if op == "join":  # owned by the scope it names, while that is open
+                    owner = self.scopes.get(str(msg.get("s")))
+                if owner is not None:
+                    self.owners[key] = owner
                 else:
                     self.owners.pop(key, None)
             elif op == "unreg":
@@ -116,7 +130,10 @@ class Tracker:
                 self.owners.pop(key, None)
 
     def closed(self, conn: socket.socket) -> None:
-        """*conn* ended: destroy what it registered with "own" and still holds."""
+        """*conn* ended: destroy what it owns (registered with "own", or
+        "join"-ed to a scope it announced) and still holds."""
+        for token in [token for token, owner in self.scopes.items() if owner is conn]:
+            del self.scopes[token]
         for key in [key for key, owner in self.owners.items() if owner is conn]:
             del self.owners[key]
             self.destroy(key, self.entries.pop(key))

@@ -24,7 +24,7 @@ from typing import (
     TypeVar,
 )
 
-from . import backends, tracking
+from . import backends, reduction, tracking
 from .backends import Attachment, Backend
 
 __all__ = ["ShareableList", "SharedMemory"]
@@ -97,6 +97,7 @@ class SharedMemory:
     _size: int = 0
     _track: bool = True
     _created: bool = False
+    _noted: bool = False
 
     def __init__(
         self,
@@ -181,8 +182,30 @@ class SharedMemory:
             raise ValueError("cannot pickle a SharedMemory that was never opened")
         return (
             _rebuild,
-            (type(self), self._backend.name, self._ident, self.name, self.size),
+            (type(self), self._backend.name, self._ident, self.name, self.size,
+             reduction.machine()),
         )
+
+    def _owner(self) -> Any:
+        """The object that holds this process's mapping (an mmap, a SysV
+        attachment): views keep it, and so the memory, alive."""
+        assert self._buf is not None
+        return self._buf.obj
+
+    def _note(self) -> None:
+        """Let the pickler find arrays and views of this segment by address."""
+        if not self._noted and self._buf is not None:
+            assert self._backend is not None and self._ident is not None
+            self._noted = True
+            reduction.note_mapping(
+                self._owner(), self._backend.name, self._ident, self.name, self._size
+            )
+
+    def _forget_attachment(self) -> None:
+        """Drop this object's hold without closing: the owner (see
+        :meth:`_owner`), referenced elsewhere, keeps the mapping."""
+        self._buf = None
+        self._attachment = None
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.name!r}, size={self.size})"
@@ -202,6 +225,8 @@ class SharedMemory:
     @property
     def buf(self) -> memoryview:
         """A writable memoryview of the segment's contents (None once closed)."""
+        if not self._noted:
+            self._note()
         return self._buf  # type: ignore[return-value]
 
     @property
@@ -280,9 +305,11 @@ def _create_generated(
 
 
 def _rebuild(
-    cls: type[SharedMemory], backend: str, ident: str, name: str, size: int
+    cls: type[SharedMemory], backend: str, ident: str, name: str, size: int,
+    made_on: Optional[tuple[str, str]] = None,
 ) -> SharedMemory:
     """Unpickle a :class:`SharedMemory` handle by attaching to its segment."""
+    reduction.check_machine(made_on, name)
     return cls._from_handle(backend, ident, name, size)
 
 

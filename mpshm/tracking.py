@@ -42,7 +42,8 @@ import subprocess
 import sys
 import threading
 import warnings
-from typing import TYPE_CHECKING, Optional
+import weakref
+from typing import TYPE_CHECKING, Any, Optional
 
 from . import _protocol
 
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENV_VAR",
+    "Member",
     "Scope",
     "ensure_running",
     "register",
@@ -94,8 +96,9 @@ class _Client:
     say: ``reg`` (destroy when the program is over) or ``own`` (destroy as
     soon as this connection closes)."""
 
-    def __init__(self, op: str = "reg") -> None:
+    def __init__(self, op: str = "reg", extra: Optional[dict[str, str]] = None) -> None:
         self._op = op
+        self._extra = extra
         self._lock = threading.Lock()
         self._sock: Optional[socket.socket] = None
         self._pid: Optional[int] = None
@@ -203,10 +206,11 @@ class _Client:
         return True
 
     def register(self, backend: Backend, ident: str, identity: Optional[str]) -> bool:
-        extra = None
+        extra: Optional[dict[str, Any]] = dict(self._extra) if self._extra else None
         spec = backend.import_spec()
         if spec is not None:  # a third-party backend: tell the tracker how to load it
-            extra = {"m": spec, "p": [os.path.abspath(p or os.curdir) for p in sys.path]}
+            extra = dict(extra or {})
+            extra.update(m=spec, p=[os.path.abspath(p or os.curdir) for p in sys.path])
         data = _protocol.encode(self._op, backend.name, ident, identity, extra)
         with self._lock:
             self._held[(backend.name, ident)] = data
@@ -233,9 +237,11 @@ class _Client:
         with self._lock:
             return list(self._held)
 
-    def ensure_connected(self) -> None:
+    def ensure_connected(self, greeting: Optional[bytes] = None) -> None:
         with self._lock:
-            self._socket(start=True)
+            if self._sock is None and self._socket(start=True) is not None and greeting:
+                assert self._sock is not None
+                self._sock.sendall(greeting, getattr(socket, "MSG_NOSIGNAL", 0))
 
     def close(self) -> None:
         with self._lock:
@@ -263,6 +269,19 @@ def ensure_running() -> None:
     _client.ensure_connected()
 
 
+def _close_scopes_after_fork() -> None:
+    # A forked child must not hold its parent's scope connections open: the
+    # tracker would then wait for the child before destroying what the parent
+    # owned when the parent dies.
+    for scope in list(_scopes):
+        scope._client.close()
+
+
+_scopes: weakref.WeakSet[Scope] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_scopes_after_fork)
+
+
 class Scope:
     """Registrations that end with a connection of their own.
 
@@ -277,14 +296,25 @@ class Scope:
 
     def __init__(self) -> None:
         self._client = _Client(op="own")
+        #: Names this scope to other processes of the program (see :class:`Member`).
+        self.token = secrets.token_hex(12)
+        self._pid = os.getpid()
+        _scopes.add(self)
 
     def connect(self) -> None:
         """Connect to the tracker now (starting one if this program has none)."""
-        self._client.ensure_connected()
+        self._client.ensure_connected(_protocol.encode("scope", "", self.token, None))
 
     def register(self, backend: Backend, ident: str, identity: Optional[str] = None) -> bool:
         """Like :func:`register`, but bound to this scope's connection."""
+        if not self.alive():
+            raise RuntimeError("a Scope can only be used by the process that made it")
+        self.connect()
         return self._client.register(backend, ident, identity)
+
+    def alive(self) -> bool:
+        """Whether this process owns the scope's connection (not a forked copy)."""
+        return os.getpid() == self._pid
 
     def unregister(self, backend: str, ident: str) -> None:
         """Like :func:`unregister`: the segment was unlinked, or is handed on."""
@@ -293,6 +323,29 @@ class Scope:
     def close(self) -> None:
         """Close the connection: the tracker destroys what is still registered."""
         self._client.close()
+
+
+class Member:
+    """Registrations that another process's :class:`Scope` owns.
+
+    A process of the same program (a pool worker, say) registers the
+    segments it creates for the scope's owner here, by the scope's
+    :attr:`Scope.token`: the tracker destroys them when the *scope* closes
+    (or its process dies), not when this process does, so a segment handed
+    to the owner survives its creator. If the scope is already closed, they
+    are destroyed when the program is over.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._client = _Client(op="join", extra={"s": token})
+
+    def register(self, backend: Backend, ident: str, identity: Optional[str] = None) -> bool:
+        """Register a segment for the scope's owner."""
+        return self._client.register(backend, ident, identity)
+
+    def unregister(self, backend: str, ident: str) -> None:
+        """The segment was destroyed after all."""
+        self._client.unregister(backend, ident)
 
 
 def register(backend: Backend, ident: str, identity: Optional[str] = None) -> bool:

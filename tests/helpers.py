@@ -217,3 +217,24 @@ def park(arr: Any, path: str) -> None:
         f.write(f"{os.getpid()} {segment_of(arr)}\n")
     os.replace(path + ".tmp", path)
     time.sleep(600)
+
+
+def make_shared(n: int, value: float, backend: str) -> Any:
+    """A new mpshm.numpy array of *n* items, all *value* (made in a worker)."""
+    import mpshm.numpy as mnp
+
+    arr = mnp.empty(n, backend=backend)
+    arr[:] = value
+    return arr
+
+
+def vanishing(backend: str) -> mpshm.SharedMemory:
+    """A pool task returning a handle whose segment it has already destroyed."""
+    shm = mpshm.SharedMemory(create=True, size=64, backend=backend, track=False)
+    shm.unlink()
+    return shm
+
+
+def nap(seconds: float) -> None:
+    """A pool task that sleeps."""
+    time.sleep(seconds)

@@ -4,7 +4,9 @@ Each example runs as a program of its own. It must exit 0 with nothing on
 stderr, and every segment name it printed must be gone when it returns
 (checked at once, before any tracker could clean up after it: the examples
 unlink what they create). A new example is picked up automatically; it
-must print the names of the segments it creates.
+must print the names of the segments it creates. Examples that take a
+``--backend`` option (listed in BACKEND_EXAMPLES) also run on the other
+built-in backends.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ import pytest
 from helpers import ROOT, exists
 
 EXAMPLES = sorted(glob.glob(os.path.join(ROOT, "examples", "*.py")))
+BACKEND_EXAMPLES = [
+    os.path.join(ROOT, "examples", name) for name in ("executor_tiles.py", "pool_numpy.py")
+]
 
 # Segment names as the examples print them: generated POSIX names (mpshm's
 # psm_<16 hex>, the standard library's psm_<8 hex>), and qualified names.
@@ -44,12 +49,25 @@ def test_examples_found() -> None:
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])
 def test_example(path: str) -> None:
+    check_example(path)
+
+
+@pytest.mark.parametrize("backend", ["sysv", "mmap"])
+@pytest.mark.parametrize(
+    "path", BACKEND_EXAMPLES, ids=[os.path.basename(p) for p in BACKEND_EXAMPLES]
+)
+def test_example_on_backend(path: str, backend: str) -> None:
+    check_example(path, "--backend", backend)
+
+
+def check_example(path: str, *args: str) -> None:
+    """Run the example *path* with *args*; it must succeed, quietly, leaving nothing."""
     env = dict(os.environ)
     env.pop("MPSHM_TRACKER", None)  # a program of its own, with its own tracker
     env.pop("MPSHM_BACKEND", None)  # the examples show the default (posix)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH")) if p)
     result = subprocess.run(
-        [sys.executable, path],
+        [sys.executable, path, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -1,0 +1,787 @@
+"""``Pool``, ``ProcessPoolExecutor`` and ``get_context``: task arguments and
+results travel through shared memory.
+
+:func:`get_context` returns a :mod:`multiprocessing` context whose queues
+pickle with :class:`mpshm.reduction.SharingPickler`. Give it to the standard
+library's classes (``multiprocessing.Pool(context=ctx)``,
+``concurrent.futures.ProcessPoolExecutor(mp_context=ctx)``) or use
+:class:`Pool` and :class:`ProcessPoolExecutor`, which build one for
+themselves and also end its bookkeeping when they end. Nothing global
+changes: other pools, :class:`multiprocessing.reduction.ForkingPickler` and
+the standard library's resource tracker are left as they were.
+
+What travels how: buffers of ``share_threshold`` bytes or more (NumPy
+arrays, ``memoryview``, pickle protocol 5 buffers) are copied once into a
+fresh segment and sent as a handle; arrays already in a segment (see
+:mod:`mpshm.numpy`), :class:`~mpshm.SharedMemory` and
+:class:`~mpshm.ShareableList` are sent by handle without copying; the rest
+is pickled as usual. The same buffer sent in many tasks of one ``map`` is
+copied once.
+
+Lifetimes:
+
+* a segment made to carry a task's arguments is destroyed as soon as the
+  task's result is back (the worker's views stay valid while it uses them);
+* a result's segment belongs to the receiver: its name is destroyed as soon
+  as it is received, its memory when the last view of it is gone;
+* whatever is still in flight when the pool ends (``terminate()``, ``join()``,
+  the end of a ``with`` block, ``shutdown()``, or the pool being garbage
+  collected) is destroyed then; if the parent process is killed (SIGKILL
+  included), at once, and its workers exit instead of waiting forever.
+
+The bookkeeping is a :class:`mpshm.tracking.Scope` per context: the
+program's tracker destroys what it holds when the scope closes or the
+process that owns it dies.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+import io
+import itertools
+import multiprocessing
+import multiprocessing.pool
+import multiprocessing.queues
+import os
+import sys
+import threading
+import weakref
+from multiprocessing import connection, context, util
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, Callable, Iterable, Iterator, Optional
+
+from . import reduction, tracking
+from .reduction import DEFAULT_THRESHOLD, Carrier, SharingPickler
+
+__all__ = ["Pool", "ProcessPoolExecutor", "SharingContext", "get_context"]
+
+
+# --------------------------------------------------------------------------
+# Which task a message belongs to
+
+
+def _task_key(obj: Any) -> Optional[tuple[Any, ...]]:
+    """(key, batch) of a task message, or None for other messages."""
+    if type(obj) is tuple and len(obj) == 5 and type(obj[0]) is int:
+        return ("p", obj[0], obj[1]), obj[0]  # Pool: (job, i, func, args, kwds)
+    if type(obj).__name__ == "_CallItem" and hasattr(obj, "work_id"):
+        fn = obj.fn
+        batch = None
+        if isinstance(fn, functools.partial) and fn.args and isinstance(fn.args[0], _Batch):
+            batch = fn.args[0].batch  # a chunk of ProcessPoolExecutor.map
+        elif isinstance(fn, _Batch):
+            batch = fn.batch
+        return ("e", obj.work_id), batch
+    return None
+
+
+def _about(obj: Any, worker: bool) -> Optional[tuple[Any, ...]]:
+    """What to put in a message's place if the receiver cannot unpickle it."""
+    if worker:
+        key = _result_key(obj)
+        return None if key is None else (*key, "result")
+    found = _task_key(obj)
+    return None if found is None else (*found[0], "task")
+
+
+def _fail(exc: BaseException) -> None:
+    """A task that raises *exc* (in place of one whose arguments could not
+    be unpickled)."""
+    raise exc
+
+
+def _substitute(about: tuple[Any, ...], exc: Exception) -> Any:
+    """A message that makes the pool report *exc* for the task or result
+    *about* describes, instead of a pool thread dying on it (and the pool
+    hanging)."""
+    *key, what = about
+    if key[0] == "p":
+        job, i = key[1:]
+        return (job, i, _fail, (exc,), {}) if what == "task" else (job, i, (False, exc))
+    from concurrent.futures import process
+
+    if what == "task":
+        return process._CallItem(key[1], _fail, (exc,), {})
+    return process._ResultItem(key[1], exception=exc)
+
+
+def _result_key(obj: Any) -> Optional[tuple[Any, ...]]:
+    if type(obj) is tuple and len(obj) == 3 and type(obj[0]) is int:
+        return ("p", obj[0], obj[1])  # Pool: (job, i, (success, value))
+    if type(obj).__name__ == "_ResultItem" and hasattr(obj, "work_id"):
+        return ("e", obj.work_id)
+    return None
+
+
+class _Batch:
+    """A function tagged with the ``map`` call it belongs to; pickles as the
+    function itself."""
+
+    def __init__(self, fn: Callable[..., Any], batch: int) -> None:
+        self.fn = fn
+        self.batch = batch
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unwrap, (self.fn,)
+
+
+def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn
+
+
+_batches = itertools.count(1)
+
+
+def _when_all_done(futures: list[Any], callback: Callable[[], None]) -> None:
+    """Call *callback* once every future in *futures* is done."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def done(_: Any) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            callback()
+
+    if not futures:
+        callback()
+    for future in futures:
+        future.add_done_callback(done)
+
+
+# --------------------------------------------------------------------------
+# Segments lent to tasks
+
+
+class _Loan:
+    """A segment carrying one buffer for the tasks that use it."""
+
+    __slots__ = ("key", "shm", "source", "users")
+
+    def __init__(self, shm: Any, source: Any, key: Any) -> None:
+        self.shm = shm
+        self.source = source  # keeps the buffer's address from being reused
+        self.users = 0
+        self.key = key
+
+
+class _LoanCarrier(Carrier):
+    """Copies buffers into segments the sending process keeps until the
+    tasks that use them are done (one copy per buffer and batch)."""
+
+    kind = "loan"
+
+    def __init__(self, sharing: _Sharing, batch: Any) -> None:
+        self.threshold = sharing.threshold
+        self.backend = sharing.backend
+        self.options = sharing.options
+        self.sharing = sharing
+        self.batch = batch
+        self.used: list[_Loan] = []
+
+    def registry(self) -> Any:
+        return self.sharing.scope
+
+    def carry(self, raw: memoryview, context: Any) -> tuple[Any, int]:
+        sharing = self.sharing
+        key = None
+        if self.batch is not None:
+            key = (self.batch, reduction.buffer_address(raw), raw.nbytes)
+            with sharing.lock:
+                loan = sharing.memo.get(key)
+                if loan is not None and loan.users > 0:
+                    loan.users += 1
+                    self.used.append(loan)
+                    return loan.shm, 0
+        shm = self.new_segment(raw.nbytes)
+        shm.buf[: raw.nbytes] = raw
+        loan = _Loan(shm, raw.obj, key)
+        loan.users = 1
+        self.used.append(loan)
+        if key is not None:
+            with sharing.lock:
+                if self.batch in sharing.open_batches:
+                    loan.users += 1  # held until the batch ends (end_batch)
+                    sharing.held.setdefault(self.batch, []).append(loan)
+                sharing.memo[key] = loan
+        return shm, 0
+
+
+class _GiveCarrier(Carrier):
+    """Copies buffers into segments the receiver takes over; registered with
+    *registry* (the pool's scope, or a worker's membership of it)."""
+
+    def __init__(self, sharing: _Sharing, registry: Any) -> None:
+        self.threshold = sharing.threshold
+        self.backend = sharing.backend
+        self.options = sharing.options
+        self._registry = registry
+
+    def registry(self) -> Any:
+        return self._registry
+
+
+class _Sharing:
+    """The pickling policy and bookkeeping of one context, in every process.
+
+    In the process that made it (the pool's parent) it owns a tracker scope:
+    argument segments are lent per task and destroyed when the task's result
+    arrives. In workers, results are given to the parent, registered with
+    the parent's scope. Pickled (for spawned workers) it carries only its
+    settings.
+    """
+
+    def __init__(self, backend: Optional[str], threshold: int, options: dict[str, Any]) -> None:
+        probe = Carrier(backend, threshold, **options)  # validates all three
+        self.backend = probe.backend
+        self.threshold = probe.threshold
+        self.options = options
+        self.scope = tracking.Scope()
+        self.scope.connect()  # starts the tracker before any worker exists
+        self.token = self.scope.token
+        self._setup()
+
+    def _setup(self) -> None:
+        self.pid = getattr(self, "pid", os.getpid())
+        self.lock = threading.Lock()
+        self.memo: dict[Any, _Loan] = {}
+        self.inflight: dict[Any, list[_Loan]] = {}
+        # Batches (a Pool job, an executor map) whose end the pool reports
+        # (end_batch): their loans are kept until then, so that a buffer is
+        # copied once per batch even when early tasks finish before later
+        # ones are sent. Other batches share a copy among tasks in flight.
+        self.open_batches: set[Any] = set()
+        self.held: dict[Any, list[_Loan]] = {}
+        self._member: Optional[_GiveCarrier] = None
+        self._member_pid = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend.name, "threshold": self.threshold,
+            "options": self.options, "token": self.token, "pid": self.pid,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from . import backends
+
+        self.backend = backends.get(state["backend"])
+        self.threshold = state["threshold"]
+        self.options = state["options"]
+        self.token = state["token"]
+        self.pid = state["pid"]
+        self.scope = None  # type: ignore[assignment]
+        self._setup()
+
+    # -- sending
+
+    def _carrier(self, obj: Any) -> tuple[Carrier, Any]:
+        if os.getpid() != self.pid:  # a worker: results go to the parent
+            if self._member is None or self._member_pid != os.getpid():
+                self._member = _GiveCarrier(self, tracking.Member(self.token))
+                self._member.hands_over = True
+                self._member_pid = os.getpid()
+            return self._member, None
+        found = _task_key(obj)
+        if found is None:
+            return _GiveCarrier(self, self.scope), None
+        key, batch = found
+        return _LoanCarrier(self, batch), key
+
+    def dumps(self, obj: Any) -> bytes:
+        """Pickle one message (see the module docstring for what goes how)."""
+        carrier, key = self._carrier(obj)
+        file = io.BytesIO()
+        pickler = SharingPickler(file, carrier)
+        pickler.dispatch_table = _dispatch_table()
+        try:
+            pickler.dump(obj)
+        except BaseException:
+            if isinstance(carrier, _LoanCarrier):
+                self._release(carrier.used)
+            else:
+                reduction.discard(pickler.made, carrier.registry())
+            raise
+        about = None
+        if pickler.descriptors or pickler.kept:
+            about = _about(obj, worker=os.getpid() != self.pid)
+        if isinstance(carrier, _LoanCarrier):
+            if pickler.kept:  # sent by reference: alive until the task is done
+                keep = _Loan(None, pickler.kept, None)
+                keep.users = 1
+                carrier.used.append(keep)
+            if carrier.used:
+                with self.lock:
+                    self.inflight.setdefault(key, []).extend(carrier.used)
+        for shm in pickler.made:
+            shm.close()
+        return reduction.envelope(file.getvalue(), pickler.descriptors, about)
+
+    # -- receiving
+
+    def loads(self, data: bytes) -> Any:
+        """Unpickle one message; a result ends its task's loans. A task or
+        result that cannot be unpickled (its segment is gone, say) becomes
+        one that reports the error."""
+        main, descriptors, about = reduction.split(data)
+        try:
+            obj = reduction.load_parts(main, descriptors)
+        except Exception as exc:
+            if about is None:
+                raise
+            obj = _substitute(about, exc)
+        if self.inflight and os.getpid() == self.pid:
+            key = _result_key(obj)
+            if key is not None:
+                with self.lock:
+                    loans = self.inflight.pop(key, None)
+                if loans:
+                    self._release(loans)
+        return obj
+
+    def _release(self, loans: list[_Loan]) -> None:
+        done = []
+        with self.lock:
+            for loan in loans:
+                loan.users -= 1
+                if loan.users <= 0:
+                    done.append(loan)
+                    if loan.key is not None and self.memo.get(loan.key) is loan:
+                        del self.memo[loan.key]
+        for loan in done:
+            loan.source = None
+            if loan.shm is not None:
+                reduction.discard([loan.shm], self.scope)
+
+    def begin_batch(self, batch: Any) -> None:
+        """Keep the copies made for *batch* until :meth:`end_batch`."""
+        with self.lock:
+            self.open_batches.add(batch)
+
+    def end_batch(self, batch: Any) -> None:
+        """Every task of *batch* is done (or will never be sent)."""
+        with self.lock:
+            self.open_batches.discard(batch)
+            loans = self.held.pop(batch, [])
+        if loans:
+            self._release(loans)
+
+    def close(self) -> None:
+        """End the bookkeeping: the tracker destroys everything still lent or
+        in flight (the pool has ended)."""
+        if self.scope is not None and self.scope.alive():
+            with self.lock:
+                loans = {id(loan): loan for loan in self.memo.values()}
+                for group in (*self.inflight.values(), *self.held.values()):
+                    loans.update((id(loan), loan) for loan in group)
+                self.memo.clear()
+                self.inflight.clear()
+                self.held.clear()
+                self.open_batches.clear()
+            # What this process lent is destroyed before close() returns; the
+            # tracker destroys the rest (results workers made and never sent).
+            for loan in loans.values():
+                loan.source = None
+                if loan.shm is not None:
+                    reduction.discard([loan.shm], self.scope)
+            self.scope.close()
+
+
+_dispatch_cache: tuple[int, dict[Any, Any]] = (-1, {})
+
+
+def _dispatch_table() -> dict[Any, Any]:
+    """The reducers multiprocessing's own pickler uses (connections, sockets,
+    ...), read, never changed."""
+    global _dispatch_cache
+    extra: dict[Any, Any] = getattr(ForkingPickler, "_extra_reducers", {})
+    base: dict[Any, Any] = getattr(ForkingPickler, "_copyreg_dispatch_table", {})
+    size = len(extra) + len(base)
+    if _dispatch_cache[0] != size:
+        table = dict(base)
+        table.update(extra)
+        _dispatch_cache = (size, table)
+    return _dispatch_cache[1]
+
+
+# --------------------------------------------------------------------------
+# Queues and connections that pickle with the sharing pickler
+
+
+class _Connection:
+    """A :class:`multiprocessing.connection.Connection` whose ``send`` and
+    ``recv`` pickle with a context's sharing pickler."""
+
+    def __init__(self, conn: Any, sharing: _Sharing) -> None:
+        self._conn = conn
+        self._sharing = sharing
+
+    def send(self, obj: Any) -> None:
+        """Send *obj*, large buffers by handle."""
+        self._conn.send_bytes(self._sharing.dumps(obj))
+
+    def recv(self) -> Any:
+        """Receive an object sent by :meth:`send`."""
+        return self._sharing.loads(self._conn.recv_bytes())
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Connection, (self._conn, self._sharing)
+
+
+class SimpleQueue(multiprocessing.queues.SimpleQueue):  # type: ignore[type-arg]
+    """:class:`multiprocessing.SimpleQueue` with the sharing pickler."""
+
+    _reader: Any
+    _writer: Any
+    _rlock: Any
+    _wlock: Any
+
+    def __init__(self, *, ctx: Any, sharing: _Sharing) -> None:
+        super().__init__(ctx=ctx)
+        self._sharing = sharing
+        self._reader = _Connection(self._reader, sharing)
+        self._writer = _Connection(self._writer, sharing)
+        self._poll = self._reader.poll
+
+    def __getstate__(self) -> Any:
+        return (super().__getstate__(), self._sharing)
+
+    def __setstate__(self, state: Any) -> None:
+        base, self._sharing = state
+        super().__setstate__(base)
+
+    def get(self) -> Any:
+        """Remove and return an item."""
+        with self._rlock:
+            data = self._reader.recv_bytes()
+        return self._sharing.loads(data)
+
+    def put(self, obj: Any) -> None:
+        """Put an item (large buffers by handle)."""
+        data = self._sharing.dumps(obj)
+        if self._wlock is None:
+            self._writer.send_bytes(data)
+        else:
+            with self._wlock:
+                self._writer.send_bytes(data)
+
+
+class _Pickled:
+    """A message already pickled by the sharing pickler, sent through a
+    queue that pickles with the standard library's pickler."""
+
+    __slots__ = ("data", "sharing")
+
+    def __init__(self, data: bytes, sharing: _Sharing) -> None:
+        self.data = data
+        self.sharing = sharing
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _unpickle, (self.data, self.sharing)
+
+
+def _unpickle(data: bytes, sharing: _Sharing) -> Any:
+    return sharing.loads(data)
+
+
+def _share_queue(queue: Any, sharing: _Sharing) -> None:
+    """Make *queue* (a :class:`multiprocessing.Queue` handed to a worker, as
+    ProcessPoolExecutor's call queue is) send with the sharing pickler."""
+    if getattr(queue, "_mpshm_sharing", None) is sharing:
+        return
+    original = type(queue).put
+
+    def put(obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        original(queue, _Pickled(sharing.dumps(obj), sharing), block, timeout)
+
+    queue.put = put
+    queue._mpshm_sharing = sharing
+
+
+# --------------------------------------------------------------------------
+# Processes and the context
+
+
+def _watch_parent() -> None:
+    """Exit when the parent process dies (a pool's workers would otherwise
+    wait for tasks forever, holding their mappings)."""
+    parent = multiprocessing.parent_process()
+    sentinel = getattr(parent, "_sentinel", None)
+    if sentinel is None:  # pragma: no cover - Python without parent sentinels
+        return
+
+    def watch() -> None:
+        connection.wait([sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="mpshm-parent-watch", daemon=True).start()
+
+
+class _Watched:
+    """Mixin for worker processes: they exit when their parent dies."""
+
+    _mpshm_watch = False
+
+    def run(self) -> None:
+        if self._mpshm_watch:
+            _watch_parent()
+        super().run()  # type: ignore[misc]
+
+
+class _SpawnProcess(_Watched, context.SpawnProcess):
+    pass
+
+
+_PROCESSES: dict[str, type] = {"spawn": _SpawnProcess}
+if sys.platform != "win32":
+
+    class _ForkProcess(_Watched, context.ForkProcess):
+        pass
+
+    class _ForkServerProcess(_Watched, context.ForkServerProcess):
+        pass
+
+    _PROCESSES.update(fork=_ForkProcess, forkserver=_ForkServerProcess)
+
+_WORKER_TARGETS = {"worker", "_process_worker"}
+
+
+class SharingContext(context.BaseContext):
+    """A :mod:`multiprocessing` context whose queues pickle with the sharing
+    pickler; see :func:`get_context`."""
+
+    def __init__(
+        self, method: str, backend: Optional[str], share_threshold: int, options: dict[str, Any]
+    ) -> None:
+        base = multiprocessing.get_context(method)
+        self._name = base.get_start_method()
+        self._base = base
+        self._process_class = _PROCESSES[self._name]
+        self._sharing = _Sharing(backend, share_threshold, options)
+        self._finalizer = weakref.finalize(self, self._sharing.close)
+
+    @property
+    def backend(self) -> str:
+        """The backend that carries shared buffers."""
+        return self._sharing.backend.name
+
+    @property
+    def share_threshold(self) -> int:
+        """Buffers of at least this many bytes travel through shared memory."""
+        return self._sharing.threshold
+
+    def Process(self, *args: Any, **kwargs: Any) -> Any:
+        """A process of this context's start method. A pool's or executor's
+        worker exits if its parent dies, and the executor's task queue
+        pickles with the sharing pickler."""
+        process = self._process_class(*args, **kwargs)
+        target = getattr(process, "_target", None)
+        if getattr(target, "__name__", None) in _WORKER_TARGETS:
+            process._mpshm_watch = True
+            for arg in getattr(process, "_args", ()):
+                if isinstance(arg, multiprocessing.queues.Queue):
+                    _share_queue(arg, self._sharing)
+        return process
+
+    def SimpleQueue(self) -> SimpleQueue:
+        """A simple queue that sends large buffers by handle."""
+        return SimpleQueue(ctx=self, sharing=self._sharing)
+
+    def get_start_method(self, allow_none: bool = False) -> str:
+        """This context's start method."""
+        return self._name
+
+    def set_start_method(self, method: Optional[str], force: bool = False) -> None:
+        """Not possible: a sharing context has a fixed start method."""
+        raise ValueError("cannot change a sharing context's start method; call get_context()")
+
+    def close(self) -> None:
+        """End the bookkeeping: destroy every segment still lent to a task or
+        in flight. Call it once no pool uses this context any more (it also
+        happens when the context is garbage-collected or the program ends)."""
+        self._finalizer()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        raise TypeError("a sharing context cannot be pickled; pass its settings instead")
+
+
+def get_context(
+    method: Optional[str] = None,
+    *,
+    backend: Optional[str] = None,
+    share_threshold: int = DEFAULT_THRESHOLD,
+    **options: Any,
+) -> SharingContext:
+    """A :mod:`multiprocessing` context (start method *method*, default as
+    :func:`multiprocessing.get_context`) whose queues send buffers of
+    *share_threshold* bytes or more through segments on *backend*.
+
+    Usable as ``multiprocessing.Pool(context=ctx)`` and
+    ``concurrent.futures.ProcessPoolExecutor(mp_context=ctx)``. Each call
+    makes a new context with its own bookkeeping; :meth:`SharingContext.close`
+    ends it.
+    """
+    if method is None:
+        method = multiprocessing.get_start_method()
+    if method not in _PROCESSES:
+        raise ValueError(
+            f"unknown start method {method!r}; choose one of {sorted(_PROCESSES)}"
+        )
+    return SharingContext(method, backend, share_threshold, options)
+
+
+def _context_for(
+    context_or_method: Any, backend: Optional[str], share_threshold: int,
+    options: dict[str, Any],
+) -> SharingContext:
+    if isinstance(context_or_method, SharingContext):
+        if backend is not None or share_threshold != DEFAULT_THRESHOLD or options:
+            raise ValueError("give backend= and share_threshold= to get_context(), not both")
+        return context_or_method
+    method = None
+    if context_or_method is not None:
+        method = context_or_method.get_start_method()
+    return get_context(method, backend=backend, share_threshold=share_threshold, **options)
+
+
+class _JobCache(multiprocessing.pool._PoolCache):  # type: ignore[name-defined,misc]
+    """A Pool's table of running jobs that opens and ends their batches."""
+
+    sharing: _Sharing
+
+    def __setitem__(self, job: int, result: Any) -> None:
+        if type(result) is not multiprocessing.pool.ApplyResult:  # jobs of many tasks
+            self.sharing.begin_batch(job)
+        super().__setitem__(job, result)
+
+    def __delitem__(self, job: int) -> None:
+        super().__delitem__(job)
+        self.sharing.end_batch(job)
+
+
+class Pool(multiprocessing.pool.Pool):
+    """:class:`multiprocessing.pool.Pool` whose task arguments and results
+    travel through shared memory (see the module docstring).
+
+    Same signature as the standard library's, plus keyword-only *backend*
+    (where shared buffers live) and *share_threshold* (the size in bytes from
+    which a buffer is shared rather than pickled inline). *context* may be a
+    standard context (its start method is used) or one from
+    :func:`get_context`.
+    """
+
+    def __init__(
+        self,
+        processes: Optional[int] = None,
+        initializer: Optional[Callable[..., object]] = None,
+        initargs: Iterable[Any] = (),
+        maxtasksperchild: Optional[int] = None,
+        context: Any = None,
+        *,
+        backend: Optional[str] = None,
+        share_threshold: int = DEFAULT_THRESHOLD,
+        **options: Any,
+    ) -> None:
+        self._state = multiprocessing.pool.INIT  # for __del__ if the next line raises
+        ctx = _context_for(context, backend, share_threshold, options)
+        self._mpshm_context = ctx
+        super().__init__(processes, initializer, initargs, maxtasksperchild, ctx)
+        if ctx is not context:  # ours: its bookkeeping ends with the pool
+            self._mpshm_end = util.Finalize(self, ctx.close, exitpriority=10)
+
+    def _repopulate_pool(self) -> Any:
+        cache = self._cache  # type: ignore[attr-defined]
+        if type(cache) is multiprocessing.pool._PoolCache:  # type: ignore[attr-defined]
+            # Learn when a job is over, to keep its copies until then.
+            cache.__class__ = _JobCache
+            cache.sharing = self._mpshm_context._sharing
+        return super()._repopulate_pool()  # type: ignore[misc]
+
+    def terminate(self) -> None:
+        """Stop the workers at once; destroy every segment still in flight."""
+        super().terminate()
+        self._end_sharing()
+
+    def join(self) -> None:
+        """Wait for the workers to exit; then destroy what is left."""
+        super().join()
+        self._end_sharing()
+
+    def _end_sharing(self) -> None:
+        end = getattr(self, "_mpshm_end", None)
+        if end is not None:
+            end()
+
+
+class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
+    """:class:`concurrent.futures.ProcessPoolExecutor` whose task arguments
+    and results travel through shared memory (see the module docstring).
+
+    Same signature as the standard library's, plus keyword-only *backend*
+    and *share_threshold* (as for :class:`Pool`). *mp_context* may be a
+    standard context (its start method is used) or one from
+    :func:`get_context`. The same buffer passed to many calls of one
+    :meth:`map` is copied once.
+    """
+
+    def __init__(
+        self,
+        max_workers: Optional[int] = None,
+        mp_context: Any = None,
+        initializer: Optional[Callable[..., object]] = None,
+        initargs: tuple[Any, ...] = (),
+        *,
+        backend: Optional[str] = None,
+        share_threshold: int = DEFAULT_THRESHOLD,
+        **kwargs: Any,
+    ) -> None:
+        options = {k: kwargs.pop(k) for k in list(kwargs) if k != "max_tasks_per_child"}
+        ctx = _context_for(mp_context, backend, share_threshold, options)
+        self._mpshm_context = ctx
+        self._mpshm_owned = ctx is not mp_context
+        self._mpshm_local = threading.local()
+        super().__init__(max_workers, ctx, initializer, initargs, **kwargs)
+
+    def map(  # type: ignore[override,unused-ignore]
+        self, fn: Callable[..., Any], *iterables: Iterable[Any],
+        timeout: Optional[float] = None, chunksize: int = 1,
+    ) -> Iterator[Any]:
+        """Like :meth:`concurrent.futures.Executor.map`; a buffer passed in
+        many calls is copied into shared memory once."""
+        batch = next(_batches)
+        sharing = self._mpshm_context._sharing
+        sharing.begin_batch(batch)
+        futures: list[concurrent.futures.Future[Any]] = []
+        self._mpshm_local.futures = futures
+        try:
+            results = super().map(_Batch(fn, batch), *iterables, timeout=timeout,
+                                  chunksize=chunksize)
+        except BaseException:
+            sharing.end_batch(batch)
+            raise
+        finally:
+            self._mpshm_local.futures = None
+        _when_all_done(futures, functools.partial(sharing.end_batch, batch))
+        return results
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Like the standard library's."""
+        future = super().submit(fn, *args, **kwargs)
+        futures = getattr(self._mpshm_local, "futures", None)
+        if futures is not None:
+            futures.append(future)
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Like the standard library's; with *wait*, every segment still in
+        flight is destroyed once the workers are gone."""
+        super().shutdown(wait=wait, cancel_futures=cancel_futures)
+        if wait and self._mpshm_owned:
+            self._mpshm_context.close()

@@ -1,0 +1,609 @@
+"""Handles, not bytes: pickling shared memory by reference.
+
+Two mechanisms live here.
+
+**Handles** work with any pickler, plain :mod:`pickle` included.
+:class:`~mpshm.SharedMemory`, :class:`~mpshm.ShareableList` and NumPy arrays
+made by :mod:`mpshm.numpy` (whole, sliced, strided, any dtype) pickle as a
+handle of a few hundred bytes: the segment's backend and name, its size, the
+view's offset, shape, strides and dtype, and the machine it was made on.
+Unpickling attaches the segment (or reuses this process's mapping of it) and
+returns a zero-copy, writable view: a write on one side is visible on the
+other. The view keeps its mapping alive for as long as it lives, whatever
+happens to the object that made it. A handle unpickled on another machine
+raises :class:`HandleError` naming both machines.
+
+**The sharing pickler** (:class:`SharingPickler`, :func:`dumps`,
+:func:`loads`) also moves large buffers that are *not* in a segment: every
+pickle protocol 5 out-of-band buffer (NumPy arrays, ``memoryview``,
+:class:`pickle.PickleBuffer` and objects built on them) of at least
+``threshold`` bytes is copied once into a fresh segment and sent as a handle;
+smaller ones travel inline. Receivers get read-only views of such copies
+(pickling semantics: the sender's later writes are not the receiver's
+business). A buffer already inside a segment is sent by reference, never
+copied. ``bytearray`` objects are the exception: CPython's pickler writes
+them inline without asking any hook; wrap one in ``memoryview`` to share it.
+
+Who destroys a copied buffer's segment: with :func:`dumps`, the receiver
+(:func:`loads` unlinks its name once mapped; the memory goes with the last
+view), or the tracker of the sender's program if nobody ever loads it.
+:mod:`mpshm.pool` uses the same pickler with its own bookkeeping (a task's
+arguments die with the task, results belong to the receiver).
+
+Nothing is changed globally: importing mpshm leaves
+:class:`multiprocessing.reduction.ForkingPickler`, :mod:`copyreg` and the
+standard library's resource tracker as they were.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import io
+import pickle
+import socket
+import struct
+import sys
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+
+from . import backends, tracking
+
+if TYPE_CHECKING:
+    import numpy
+
+    from .shared_memory import SharedMemory
+
+__all__ = [
+    "DEFAULT_THRESHOLD",
+    "HandleError",
+    "SharingPickler",
+    "dumps",
+    "loads",
+    "machine",
+]
+
+#: Buffers of at least this many bytes are moved into shared memory.
+DEFAULT_THRESHOLD = 1 << 20
+
+_ENVELOPE = b"MPSHM\x01"
+_LENGTH = struct.Struct("!Q")
+
+
+class HandleError(ValueError):
+    """A pickled handle cannot be used where it was unpickled."""
+
+
+def _boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+_MACHINE = (socket.gethostname(), _boot_id())
+
+
+def machine() -> tuple[str, str]:
+    """This machine as handles record it: ``(host name, boot id)``.
+
+    The boot id (Linux) tells two machines of the same name apart, and a
+    machine from itself before a reboot, when no segment survives.
+    """
+    return _MACHINE
+
+
+def check_machine(made_on: Optional[tuple[str, str]], name: str) -> None:
+    """Raise :class:`HandleError` if a handle of segment *name* was made elsewhere."""
+    if made_on is None or tuple(made_on) == _MACHINE:
+        return
+    there, here = made_on[0], _MACHINE[0]
+    if there == here:
+        there, here = f"{there} (boot {made_on[1]})", f"{here} (boot {_MACHINE[1]})"
+    raise HandleError(
+        f"the shared memory segment {name!r} lives on machine {there!r}, but its "
+        f"handle was unpickled on {here!r}: shared memory cannot cross machines. "
+        "Send the data itself (pickle it without mpshm, or copy the array), or run "
+        f"this code on {made_on[0]!r}."
+    )
+
+
+# --------------------------------------------------------------------------
+# Where this process's segments are mapped
+
+class _Py_buffer(ctypes.Structure):
+    _fields_ = [
+        ("buf", ctypes.c_void_p),
+        ("obj", ctypes.c_void_p),
+        ("len", ctypes.c_ssize_t),
+        ("itemsize", ctypes.c_ssize_t),
+        ("readonly", ctypes.c_int),
+        ("ndim", ctypes.c_int),
+        ("format", ctypes.c_char_p),
+        ("shape", ctypes.c_void_p),
+        ("strides", ctypes.c_void_p),
+        ("suboffsets", ctypes.c_void_p),
+        ("internal", ctypes.c_void_p),
+    ]
+
+
+_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_Py_buffer), ctypes.c_int]
+_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer.argtypes = [ctypes.POINTER(_Py_buffer)]
+_PyBUF_FULL_RO = 0x0100 | 0x0010 | 0x0008 | 0x0004  # strides, format, nd (read-only ok)
+
+
+def buffer_address(obj: Any) -> int:
+    """Address of the first byte of *obj*'s buffer (read-only buffers too)."""
+    view = _Py_buffer()
+    if _get_buffer(obj, ctypes.byref(view), _PyBUF_FULL_RO) != 0:  # pragma: no cover
+        raise BufferError("cannot get the buffer's address")
+    try:
+        return int(view.buf or 0)
+    finally:
+        _release_buffer(ctypes.byref(view))
+
+
+class _Region:
+    """One mapping of a segment in this process."""
+
+    __slots__ = ("address", "backend", "ident", "name", "shareable", "size")
+
+    def __init__(self, backend: str, ident: str, name: str, size: int, shareable: bool) -> None:
+        self.backend = backend
+        self.ident = ident
+        self.name = name
+        self.size = size
+        # False for copies received through the sharing pickler: their names
+        # go away while views live, so they are re-sent by copy, not by name.
+        self.shareable = shareable
+        self.address: Optional[int] = None
+
+
+_lock = threading.Lock()
+# Mapping owner (an mmap, a SysV attachment) -> where it is and what it maps.
+_regions: weakref.WeakKeyDictionary[Any, _Region] = weakref.WeakKeyDictionary()
+# (backend, ident) -> mapping owner, to reuse a live mapping on unpickling.
+_owners: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
+
+
+def _mapped(owner: Any) -> bool:
+    closed = getattr(owner, "closed", None)  # mmap
+    if closed is not None:
+        return not closed
+    attached = getattr(owner, "attached", None)  # sysv_ipc
+    return attached is None or bool(attached)
+
+
+def note_mapping(
+    owner: Any, backend: str, ident: str, name: str, size: int, shareable: bool = True
+) -> None:
+    """Record that *owner* (the object holding a mapping) maps segment *ident*."""
+    region = _Region(backend, ident, name, size, shareable)
+    with _lock:
+        _regions[owner] = region
+        if shareable or (backend, ident) not in _owners:
+            _owners[(backend, ident)] = owner
+
+
+def forget_mapping(owner: Any) -> None:
+    """*owner*'s segment is being destroyed: stop sending it by name."""
+    with _lock:
+        region = _regions.get(owner)
+        if region is not None:
+            region.shareable = False
+
+
+def find(address: int, nbytes: int) -> Optional[tuple[Any, _Region, int]]:
+    """The live, shareable mapping holding ``[address, address + nbytes)``:
+    ``(owner, region, offset)``, or None."""
+    if not _regions:
+        return None
+    with _lock:
+        items = list(_regions.items())
+    for owner, region in items:
+        if not region.shareable or not _mapped(owner):
+            continue
+        if region.address is None:
+            try:
+                region.address = buffer_address(owner)
+            except (BufferError, ValueError, TypeError):
+                continue
+        offset = address - region.address
+        if offset >= 0 and offset + nbytes <= region.size:
+            return owner, region, offset
+    return None
+
+
+def attach_owner(
+    backend: str, ident: str, name: str, size: int, made_on: Optional[tuple[str, str]],
+    shareable: bool = True,
+) -> Any:
+    """The object holding a mapping of segment *ident*: this process's live
+    one if there is one, else a new attachment's."""
+    check_machine(made_on, name)
+    with _lock:
+        owner = _owners.get((backend, ident))
+    if owner is not None and _mapped(owner):
+        region = _regions.get(owner)
+        if region is not None and region.size == size:
+            return owner
+    from .shared_memory import SharedMemory
+
+    shm = SharedMemory._from_handle(backend, ident, name, size)
+    owner = shm._owner()
+    note_mapping(owner, backend, ident, name, size, shareable)
+    shm._forget_attachment()  # the owner, referenced by the views, keeps the mapping
+    return owner
+
+
+# --------------------------------------------------------------------------
+# NumPy arrays that live in a segment
+
+class _ArrayHandle(NamedTuple):
+    backend: str
+    ident: str
+    name: str
+    size: int
+    machine: tuple[str, str]
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: Any
+    writable: bool
+    #: The receiver takes the segment over (see :meth:`SharingPickler.reducer_override`).
+    given: bool = False
+
+
+def _array_bounds(arr: numpy.ndarray) -> tuple[int, int, int]:
+    """(data address, lowest byte, extent in bytes) of *arr*."""
+    data = int(arr.__array_interface__["data"][0])
+    low = high = 0
+    for n, stride in zip(arr.shape, arr.strides):
+        if n == 0:
+            return data, data, 0
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return data, data + low, high - low + arr.itemsize
+
+
+def locate_array(arr: numpy.ndarray) -> Optional[tuple[_ArrayHandle, Any]]:
+    """A handle for *arr* and the owner of its mapping, if its memory lies
+    in a segment (else None)."""
+    if arr.dtype.hasobject:
+        return None
+    data, low, extent = _array_bounds(arr)
+    if extent == 0:
+        return None
+    found = find(low, extent)
+    if found is None:
+        return None
+    owner, region, low_offset = found
+    handle = _ArrayHandle(
+        region.backend, region.ident, region.name, region.size, _MACHINE,
+        low_offset + (data - low), tuple(arr.shape), tuple(arr.strides), arr.dtype,
+        bool(arr.flags.writeable),
+    )
+    return handle, owner
+
+
+def array_handle(arr: numpy.ndarray) -> Optional[_ArrayHandle]:
+    """A handle for *arr* if its memory lies in a segment (else None)."""
+    located = locate_array(arr)
+    return None if located is None else located[0]
+
+
+def _take_name(backend: str, ident: str) -> None:
+    """This process takes a segment over: destroy its name now (mappings stay)."""
+    try:
+        backends.get(backend).unlink(ident)
+    except FileNotFoundError:
+        pass
+    tracking.unregister(backend, ident)
+
+
+def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
+    """Unpickle an array handle: a zero-copy view of the segment."""
+    from .numpy import SharedArray
+
+    owner = attach_owner(
+        handle.backend, handle.ident, handle.name, handle.size, handle.machine,
+        shareable=not handle.given,
+    )
+    if handle.given:
+        _take_name(handle.backend, handle.ident)
+    arr = SharedArray(
+        handle.shape, handle.dtype, buffer=memoryview(owner), offset=handle.offset,
+        strides=handle.strides,
+    )
+    if not handle.writable:
+        arr.flags.writeable = False
+    return arr
+
+
+# --------------------------------------------------------------------------
+# The sharing pickler
+
+class _Descriptor(NamedTuple):
+    """An out-of-band buffer: which segment holds it and who owns it."""
+
+    backend: str
+    ident: str
+    name: str
+    size: int
+    machine: tuple[str, str]
+    offset: int
+    nbytes: int
+    readonly: bool
+    #: "ref": an existing segment; "give": the receiver owns it (unlinks its
+    #: name once mapped); "loan": the sender destroys it (a pool, per task).
+    kind: str
+
+
+class Carrier:
+    """Where :class:`SharingPickler` puts buffers it moves into shared memory.
+
+    This one (used by :func:`dumps`) creates a fresh segment per buffer on
+    *backend*, registered with the program's tracker, and hands it to the
+    receiver. :mod:`mpshm.pool` subclasses it.
+    """
+
+    kind = "give"
+    #: Whether arrays of :mod:`mpshm.numpy` that this process owns are handed
+    #: over to the receiver (a pool worker's results) or sent by reference.
+    hands_over = False
+
+    def __init__(
+        self, backend: Optional[str] = None, threshold: int = DEFAULT_THRESHOLD,
+        **options: Any,
+    ) -> None:
+        from .shared_memory import _check_size
+
+        self.threshold = _check_size(threshold)
+        self.backend, _ = backends.resolve(None, backend, options)
+        self.backend.check_options(options)
+        self.options = options
+
+    def registry(self) -> Any:
+        """Where new segments are registered (see ``shared_memory._create_generated``)."""
+        return tracking
+
+    def new_segment(self, nbytes: int) -> SharedMemory:
+        """A fresh segment of *nbytes* bytes, registered with :meth:`registry`."""
+        from .shared_memory import SharedMemory
+
+        shm = SharedMemory._create_in(self.registry(), nbytes, self.backend, self.options)
+        shm._note()
+        return shm
+
+    def carry(self, raw: memoryview, context: Any) -> tuple[SharedMemory, int]:
+        """Copy *raw* into shared memory; return the segment and the offset."""
+        shm = self.new_segment(raw.nbytes)
+        shm._buf[: raw.nbytes] = raw  # type: ignore[index]
+        return shm, 0
+
+
+class _Collector:
+    """The pickler's out-of-band buffer callback. A separate object, so that
+    the pickler is not in a reference cycle with its own bound method (the
+    garbage collector clearing memoryviews with exports in such a cycle can
+    crash CPython)."""
+
+    def __init__(self, carrier: Carrier, context: Any) -> None:
+        self.carrier = carrier
+        self.context = context
+        self.descriptors: list[_Descriptor] = []
+        self.made: list[SharedMemory] = []
+        #: Objects whose segments were sent by reference: a pool keeps them
+        #: alive until the task is done (an owned array would destroy its
+        #: segment when collected).
+        self.kept: list[Any] = []
+
+    def __call__(self, buffer: pickle.PickleBuffer) -> bool:
+        raw = buffer.raw()
+        nbytes = raw.nbytes
+        if nbytes < self.carrier.threshold or nbytes == 0:
+            return True  # inline
+        found = find(buffer_address(raw), nbytes)
+        if found is not None:
+            owner, region, offset = found
+            kind = "ref"
+            if any(shm._owner() is owner for shm in self.made):
+                kind = self.carrier.kind
+            else:
+                self.kept.append(raw.obj)
+            self.descriptors.append(_Descriptor(
+                region.backend, region.ident, region.name, region.size, _MACHINE,
+                offset, nbytes, raw.readonly if kind == "ref" else True, kind,
+            ))
+            return False
+        shm, offset = self.carrier.carry(raw, self.context)
+        if all(made is not shm for made in self.made):
+            self.made.append(shm)
+        assert shm._backend is not None and shm._ident is not None
+        self.descriptors.append(_Descriptor(
+            shm._backend.name, shm._ident, shm.name, shm.size, _MACHINE, offset, nbytes,
+            True, self.carrier.kind,
+        ))
+        return False
+
+
+class SharingPickler(pickle.Pickler):
+    """A pickler (protocol 5) that sends large buffers through shared memory.
+
+    Use it like :class:`pickle.Pickler` with a :class:`Carrier` that says
+    where copied buffers go; pass what it wrote and its :attr:`descriptors`
+    to :func:`envelope`, and read the result with :func:`loads`.
+    :func:`dumps` does all of it in one step.
+    """
+
+    def __init__(self, file: Any, carrier: Carrier, context: Any = None) -> None:
+        self._collector = _Collector(carrier, context)
+        super().__init__(file, protocol=5, buffer_callback=self._collector)
+        self.carrier = carrier
+
+    @property
+    def descriptors(self) -> list[_Descriptor]:
+        """One per out-of-band buffer, in order."""
+        return self._collector.descriptors
+
+    @property
+    def made(self) -> list[SharedMemory]:
+        """Segments made for this pickle (the caller decides their fate)."""
+        return self._collector.made
+
+    @property
+    def kept(self) -> list[Any]:
+        """Objects whose memory was sent by reference, not copied."""
+        return self._collector.kept
+
+    def reducer_override(self, obj: Any) -> Any:
+        """Handles for arrays in segments; memoryviews through PickleBuffer."""
+        if type(obj) is memoryview:
+            return _rebuild_memoryview, (pickle.PickleBuffer(obj), obj.format, obj.shape)
+        from .shared_memory import SharedMemory
+
+        if isinstance(obj, SharedMemory):
+            self._collector.kept.append(obj)
+            return NotImplemented
+        np = sys.modules.get("numpy")
+        if np is not None and isinstance(obj, np.ndarray):
+            located = locate_array(obj)
+            if located is not None:
+                handle, owner = located
+                self._collector.kept.append(obj)
+                if self.carrier.hands_over and self._hand_over(owner, handle):
+                    handle = handle._replace(given=True)
+                return rebuild_array, (handle,)
+            if (
+                obj.nbytes >= self.carrier.threshold
+                and not obj.dtype.hasobject
+                and not (obj.flags.c_contiguous or obj.flags.f_contiguous)
+            ):
+                # NumPy would copy it into the pickle with tobytes(): copy it
+                # once, straight into a segment, instead.
+                shm = self.carrier.new_segment(obj.nbytes)
+                self.made.append(shm)
+                dst = np.ndarray(obj.shape, obj.dtype, buffer=shm._buf)
+                np.copyto(dst, obj)
+                return _rebuild_contiguous, (pickle.PickleBuffer(dst), obj.dtype, obj.shape)
+        return NotImplemented
+
+    def _hand_over(self, owner: Any, handle: _ArrayHandle) -> bool:
+        """Give the receiver a segment this process owns (an array of
+        :mod:`mpshm.numpy`, returned by a pool's task, say): it would
+        otherwise be destroyed when the sender drops the array, maybe before
+        the receiver attaches it."""
+        numpy_module = sys.modules.get("mpshm.numpy")
+        finalizer = None if numpy_module is None else numpy_module._owned.pop(owner, None)
+        if finalizer is None:
+            return False
+        finalizer.detach()
+        forget_mapping(owner)  # this process's later pickles copy it
+        self.carrier.registry().register(backends.get(handle.backend), handle.ident, None)
+        return True
+
+
+def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memoryview:
+    view = memoryview(buffer)
+    if view.format != fmt or view.shape != shape:
+        view = view.cast("B").cast(fmt, shape)  # type: ignore[call-overload]
+    return view
+
+
+def _rebuild_contiguous(buffer: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+    import numpy as np
+
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+def envelope(main: bytes, descriptors: list[_Descriptor], about: Any = None) -> bytes:
+    """The bytes :func:`loads` reads: *main* alone if there are no descriptors
+    and nothing said *about* the message (what a pool substitutes for it if
+    it cannot be unpickled; see :func:`split`)."""
+    if not descriptors and about is None:
+        return main
+    table = pickle.dumps((descriptors, about), protocol=5)
+    return b"".join((_ENVELOPE, _LENGTH.pack(len(main)), main, table))
+
+
+def dumps(
+    obj: Any, *, threshold: int = DEFAULT_THRESHOLD, backend: Optional[str] = None,
+    **options: Any,
+) -> bytes:
+    """Pickle *obj*, moving buffers of *threshold* bytes or more into shared memory.
+
+    Read the result with :func:`loads`, once, on this machine: it takes
+    ownership of the segments made for it (unlinking their names; the memory
+    lives as long as the views it returns). Segments nobody loads are
+    destroyed when this program is over.
+    """
+    carrier = Carrier(backend, threshold, **options)
+    file = io.BytesIO()
+    pickler = SharingPickler(file, carrier)
+    try:
+        pickler.dump(obj)
+    except BaseException:
+        discard(pickler.made, tracking)
+        raise
+    for shm in pickler.made:
+        shm.close()
+    return envelope(file.getvalue(), pickler.descriptors)
+
+
+def discard(made: list[SharedMemory], registry: Any) -> None:
+    """Destroy segments made for a pickle that will not be sent."""
+    for shm in made:
+        shm.close()
+        try:
+            shm.unlink()
+        except FileNotFoundError:
+            pass
+        finally:
+            assert shm._backend is not None and shm._ident is not None
+            registry.unregister(shm._backend.name, shm._ident)
+
+
+def _take(descriptor: _Descriptor) -> memoryview:
+    """Map an out-of-band buffer; take ownership of it if it is given."""
+    owner = attach_owner(
+        descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
+        descriptor.machine, shareable=descriptor.kind == "ref",
+    )
+    if descriptor.kind == "give":
+        _take_name(descriptor.backend, descriptor.ident)
+    view = memoryview(owner)[descriptor.offset : descriptor.offset + descriptor.nbytes]
+    return view.toreadonly() if descriptor.readonly else view
+
+
+def split(data: bytes) -> tuple[memoryview, list[_Descriptor], Any]:
+    """The pickle, the out-of-band descriptors and the *about* note of *data*
+    (see :func:`envelope`)."""
+    view = memoryview(data)
+    if view[: len(_ENVELOPE)] != _ENVELOPE:
+        return view, [], None
+    start = len(_ENVELOPE) + _LENGTH.size
+    (length,) = _LENGTH.unpack_from(view, len(_ENVELOPE))
+    descriptors, about = pickle.loads(view[start + length :])
+    return view[start : start + length], descriptors, about
+
+
+def load_parts(main: Any, descriptors: list[_Descriptor]) -> Any:
+    """Unpickle *main*, mapping the out-of-band buffers *descriptors* name."""
+    if not descriptors:
+        return pickle.loads(main)
+    return pickle.loads(main, buffers=[_take(descriptor) for descriptor in descriptors])
+
+
+def loads(data: bytes) -> Any:
+    """Unpickle what :func:`dumps` (or a pool's pickler) made.
+
+    Buffers that travelled by handle come back as zero-copy views of their
+    segments; those the sender copied are read-only.
+    """
+    main, descriptors, _ = split(data)
+    return load_parts(main, descriptors)
