@@ -161,10 +161,10 @@ def _when_all_done(futures: list[Any], callback: Callable[[], None]) -> None:
 class _Loan:
     """A segment carrying one buffer for the tasks that use it."""
 
-    __slots__ = ("key", "shm", "source", "users")
+    __slots__ = ("key", "segment", "source", "users")
 
-    def __init__(self, shm: Any, source: Any, key: Any) -> None:
-        self.shm = shm
+    def __init__(self, segment: Optional[reduction.Segment], source: Any, key: Any) -> None:
+        self.segment = segment
         self.source = source  # keeps the buffer's address from being reused
         self.users = 0
         self.key = key
@@ -187,20 +187,19 @@ class _LoanCarrier(Carrier):
     def registry(self) -> Any:
         return self.sharing.scope
 
-    def carry(self, raw: memoryview, context: Any) -> tuple[Any, int]:
+    def carry(self, raw: memoryview, context: Any) -> tuple[reduction.Segment, int]:
         sharing = self.sharing
         key = None
         if self.batch is not None:
             key = (self.batch, reduction.buffer_address(raw), raw.nbytes)
             with sharing.lock:
                 loan = sharing.memo.get(key)
-                if loan is not None and loan.users > 0:
+                if loan is not None and loan.users > 0 and loan.segment is not None:
                     loan.users += 1
                     self.used.append(loan)
-                    return loan.shm, 0
-        shm = self.new_segment(raw.nbytes)
-        shm.buf[: raw.nbytes] = raw
-        loan = _Loan(shm, raw.obj, key)
+                    return loan.segment, 0
+        segment, _ = super().carry(raw, context)
+        loan = _Loan(segment, raw.obj, key)
         loan.users = 1
         self.used.append(loan)
         if key is not None:
@@ -209,7 +208,7 @@ class _LoanCarrier(Carrier):
                     loan.users += 1  # held until the batch ends (end_batch)
                     sharing.held.setdefault(self.batch, []).append(loan)
                 sharing.memo[key] = loan
-        return shm, 0
+        return segment, 0
 
 
 class _GiveCarrier(Carrier):
@@ -298,14 +297,14 @@ class _Sharing:
         file = io.BytesIO()
         pickler = SharingPickler(file, carrier)
         pickler.dispatch_table = _dispatch_table()
-        try:
-            pickler.dump(obj)
-        except BaseException:
+
+        def cleanup(failed: SharingPickler) -> None:
             if isinstance(carrier, _LoanCarrier):
                 self._release(carrier.used)
             else:
-                reduction.discard(pickler.made, carrier.registry())
-            raise
+                reduction.discard(failed.made, carrier.registry())
+
+        reduction.dump(pickler, obj, cleanup)
         about = None
         if pickler.descriptors or pickler.kept:
             about = _about(obj, worker=os.getpid() != self.pid)
@@ -317,8 +316,6 @@ class _Sharing:
             if carrier.used:
                 with self.lock:
                     self.inflight.setdefault(key, []).extend(carrier.used)
-        for shm in pickler.made:
-            shm.close()
         return reduction.envelope(file.getvalue(), pickler.descriptors, about)
 
     # -- receiving
@@ -354,8 +351,8 @@ class _Sharing:
                         del self.memo[loan.key]
         for loan in done:
             loan.source = None
-            if loan.shm is not None:
-                reduction.discard([loan.shm], self.scope)
+            if loan.segment is not None:
+                reduction.discard([loan.segment], self.scope)
 
     def begin_batch(self, batch: Any) -> None:
         """Keep the copies made for *batch* until :meth:`end_batch`."""
@@ -386,8 +383,8 @@ class _Sharing:
             # tracker destroys the rest (results workers made and never sent).
             for loan in loans.values():
                 loan.source = None
-                if loan.shm is not None:
-                    reduction.discard([loan.shm], self.scope)
+                if loan.segment is not None:
+                    reduction.discard([loan.segment], self.scope)
             self.scope.close()
 
 

@@ -45,18 +45,21 @@ import struct
 import sys
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional
 
 from . import backends, tracking
 
 if TYPE_CHECKING:
     import numpy
 
+    from .backends import Backend
     from .shared_memory import SharedMemory
 
 __all__ = [
     "DEFAULT_THRESHOLD",
+    "Carrier",
     "HandleError",
+    "Segment",
     "SharingPickler",
     "dumps",
     "loads",
@@ -344,6 +347,28 @@ class _Descriptor(NamedTuple):
     kind: str
 
 
+class Segment(NamedTuple):
+    """A segment a carrier made (not mapped by the sender)."""
+
+    backend: Backend
+    ident: str
+    name: str
+    size: int
+
+    @classmethod
+    def of(cls, shm: SharedMemory) -> Segment:
+        """The segment *shm* maps."""
+        assert shm._backend is not None and shm._ident is not None
+        return cls(shm._backend, shm._ident, shm.name, shm.size)
+
+    def descriptor(self, offset: int, nbytes: int, readonly: bool, kind: str) -> _Descriptor:
+        """How a receiver finds *nbytes* at *offset* in this segment."""
+        return _Descriptor(
+            self.backend.name, self.ident, self.name, self.size, _MACHINE, offset, nbytes,
+            readonly, kind,
+        )
+
+
 class Carrier:
     """Where :class:`SharingPickler` puts buffers it moves into shared memory.
 
@@ -369,22 +394,29 @@ class Carrier:
         self.options = options
 
     def registry(self) -> Any:
-        """Where new segments are registered (see ``shared_memory._create_generated``)."""
+        """Where new segments are registered (see ``shared_memory._generate``)."""
         return tracking
 
     def new_segment(self, nbytes: int) -> SharedMemory:
-        """A fresh segment of *nbytes* bytes, registered with :meth:`registry`."""
+        """A fresh, mapped segment of *nbytes* bytes, registered with :meth:`registry`."""
         from .shared_memory import SharedMemory
 
         shm = SharedMemory._create_in(self.registry(), nbytes, self.backend, self.options)
         shm._note()
         return shm
 
-    def carry(self, raw: memoryview, context: Any) -> tuple[SharedMemory, int]:
-        """Copy *raw* into shared memory; return the segment and the offset."""
-        shm = self.new_segment(raw.nbytes)
-        shm._buf[: raw.nbytes] = raw  # type: ignore[index]
-        return shm, 0
+    def carry(self, raw: memoryview, context: Any) -> tuple[Segment, int]:
+        """Copy *raw* into a fresh segment (written, not mapped: see
+        :meth:`~mpshm.backends.Backend.create_from`); return it and the offset."""
+        from .shared_memory import _generate
+
+        backend, options = self.backend, self.options
+
+        def make(ident: str) -> tuple[None, Optional[str]]:
+            return None, backend.create_from(ident, raw, options)
+
+        _, ident = _generate(backend, options, self.registry(), make)
+        return Segment(backend, ident, backend.qualified(ident), raw.nbytes), 0
 
 
 class _Collector:
@@ -397,7 +429,7 @@ class _Collector:
         self.carrier = carrier
         self.context = context
         self.descriptors: list[_Descriptor] = []
-        self.made: list[SharedMemory] = []
+        self.made: list[Segment] = []
         #: Objects whose segments were sent by reference: a pool keeps them
         #: alive until the task is done (an owned array would destroy its
         #: segment when collected).
@@ -410,10 +442,11 @@ class _Collector:
             return True  # inline
         found = find(buffer_address(raw), nbytes)
         if found is not None:
-            owner, region, offset = found
+            _, region, offset = found
             kind = "ref"
-            if any(shm._owner() is owner for shm in self.made):
-                kind = self.carrier.kind
+            if any(seg.ident == region.ident and seg.backend.name == region.backend
+                   for seg in self.made):
+                kind = self.carrier.kind  # a copy made by reducer_override
             else:
                 self.kept.append(raw.obj)
             self.descriptors.append(_Descriptor(
@@ -421,14 +454,10 @@ class _Collector:
                 offset, nbytes, raw.readonly if kind == "ref" else True, kind,
             ))
             return False
-        shm, offset = self.carrier.carry(raw, self.context)
-        if all(made is not shm for made in self.made):
-            self.made.append(shm)
-        assert shm._backend is not None and shm._ident is not None
-        self.descriptors.append(_Descriptor(
-            shm._backend.name, shm._ident, shm.name, shm.size, _MACHINE, offset, nbytes,
-            True, self.carrier.kind,
-        ))
+        segment, offset = self.carrier.carry(raw, self.context)
+        if segment not in self.made:
+            self.made.append(segment)
+        self.descriptors.append(segment.descriptor(offset, nbytes, True, self.carrier.kind))
         return False
 
 
@@ -452,7 +481,7 @@ class SharingPickler(pickle.Pickler):
         return self._collector.descriptors
 
     @property
-    def made(self) -> list[SharedMemory]:
+    def made(self) -> list[Segment]:
         """Segments made for this pickle (the caller decides their fate)."""
         return self._collector.made
 
@@ -487,9 +516,10 @@ class SharingPickler(pickle.Pickler):
                 # NumPy would copy it into the pickle with tobytes(): copy it
                 # once, straight into a segment, instead.
                 shm = self.carrier.new_segment(obj.nbytes)
-                self.made.append(shm)
+                self.made.append(Segment.of(shm))
                 dst = np.ndarray(obj.shape, obj.dtype, buffer=shm._buf)
                 np.copyto(dst, obj)
+                shm._forget_attachment()  # dst keeps the mapping while pickled
                 return _rebuild_contiguous, (pickle.PickleBuffer(dst), obj.dtype, obj.shape)
         return NotImplemented
 
@@ -545,27 +575,48 @@ def dumps(
     carrier = Carrier(backend, threshold, **options)
     file = io.BytesIO()
     pickler = SharingPickler(file, carrier)
-    try:
-        pickler.dump(obj)
-    except BaseException:
-        discard(pickler.made, tracking)
-        raise
-    for shm in pickler.made:
-        shm.close()
+    dump(pickler, obj, lambda failed: discard(failed.made, tracking))
     return envelope(file.getvalue(), pickler.descriptors)
 
 
-def discard(made: list[SharedMemory], registry: Any) -> None:
-    """Destroy segments made for a pickle that will not be sent."""
-    for shm in made:
-        shm.close()
+def dump(pickler: SharingPickler, obj: Any, cleanup: Callable[[SharingPickler], None]) -> None:
+    """``pickler.dump(obj)``; if it fails, call ``cleanup(pickler)`` and raise
+    the error without the pickler's own frames and memo. Those hold
+    memoryviews with exports, and an exception kept in a reference cycle
+    (a pool keeps it in its result, which its traceback reaches) would put
+    them in garbage the collector cannot clear safely (CPython crashes)."""
+    try:
+        pickler.dump(obj)
+    except BaseException as exc:
+        cleanup(pickler)
+        pickler.clear_memo()
+        _drop_tracebacks(exc)
+        raise exc  # noqa: B904 - the same exception, re-raised from here
+
+
+def _drop_tracebacks(exc: BaseException) -> None:
+    """Clear the tracebacks of *exc* and of the exceptions it chains to."""
+    pending: list[Optional[BaseException]] = [exc]
+    seen: set[int] = set()
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        pending += [current.__cause__, current.__context__]
+
+
+def discard(made: list[Segment], registry: Any) -> None:
+    """Destroy segments made for a pickle that will not be sent (or whose
+    use is over), and unregister them from *registry*."""
+    for segment in made:
         try:
-            shm.unlink()
+            segment.backend.unlink(segment.ident)
         except FileNotFoundError:
             pass
         finally:
-            assert shm._backend is not None and shm._ident is not None
-            registry.unregister(shm._backend.name, shm._ident)
+            registry.unregister(segment.backend.name, segment.ident)
 
 
 def _take(descriptor: _Descriptor) -> memoryview:

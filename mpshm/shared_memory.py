@@ -30,6 +30,7 @@ from .backends import Attachment, Backend
 __all__ = ["ShareableList", "SharedMemory"]
 
 _T = TypeVar("_T", bound="SharedMemory")
+_R = TypeVar("_R")
 
 
 def _check_size(size: Any, nonzero: bool = False) -> int:
@@ -279,11 +280,13 @@ class _Registry(Protocol):
     def unregister(self, backend: str, ident: str) -> None: ...
 
 
-def _create_generated(
-    chosen: Backend, size: int, options: Mapping[str, Any], registry: Optional[_Registry]
-) -> tuple[Attachment, str]:
-    """Create a segment with a fresh name; register it with *registry* (the
-    :mod:`~mpshm.tracking` module, a Scope, or None for untracked)."""
+def _generate(
+    chosen: Backend, options: Mapping[str, Any], registry: Optional[_Registry],
+    make: Callable[[str], tuple[_R, Optional[str]]],
+) -> tuple[_R, str]:
+    """Create a segment with a fresh name by ``make(ident) -> (result,
+    identity)``; register it with *registry* (the :mod:`~mpshm.tracking`
+    module, a Scope, or None for untracked)."""
     while True:
         ident = chosen.generate(options)
         registered = False
@@ -292,16 +295,28 @@ def _create_generated(
             # cannot leak it (the name is random: nobody else has it).
             registered = registry.register(chosen, ident, None)
         try:
-            attachment = chosen.create(ident, size, options)
+            result, identity = make(ident)
         except BaseException as exc:
             if registry is not None:
                 registry.unregister(chosen.name, ident)
             if isinstance(exc, FileExistsError):
                 continue
             raise
-        if registered and attachment.identity is not None and not chosen.unique_names:
-            registry.register(chosen, ident, attachment.identity)  # type: ignore[union-attr]
-        return attachment, ident
+        if registered and identity is not None and not chosen.unique_names:
+            registry.register(chosen, ident, identity)  # type: ignore[union-attr]
+        return result, ident
+
+
+def _create_generated(
+    chosen: Backend, size: int, options: Mapping[str, Any], registry: Optional[_Registry]
+) -> tuple[Attachment, str]:
+    """Create and map a segment of *size* bytes with a fresh name (see :func:`_generate`)."""
+
+    def make(ident: str) -> tuple[Attachment, Optional[str]]:
+        attachment = chosen.create(ident, size, options)
+        return attachment, attachment.identity
+
+    return _generate(chosen, options, registry, make)
 
 
 def _rebuild(

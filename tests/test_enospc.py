@@ -50,6 +50,29 @@ print("MMAP", expect_enospc(size=10 << 20, backend="mmap", dir=directory))
 assert os.listdir(directory) == []
 
 print("SYSV", expect_enospc(size=2 << 20, backend="sysv"))
+# The sharing pickler, and a pool's task whose argument does not fit: a clear
+# error in the caller, nothing left behind, and the pool keeps working.
+from mpshm import reduction
+try:
+    reduction.dumps(memoryview(bytearray(8 << 20)))
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, repr(exc)
+    print("PICKLER", exc)
+else:
+    raise SystemExit("no ENOSPC from the sharing pickler")
+if __name__ == "__main__":
+    with mpshm.Pool(1, context=__import__("multiprocessing").get_context("fork")) as pool:
+        try:
+            pool.apply(len, (memoryview(bytearray(8 << 20)),))
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, repr(exc)
+            print("POOL", exc)
+        else:
+            raise SystemExit("no ENOSPC from the pool")
+        assert pool.apply(len, (memoryview(bytearray(2 << 20)),)) == 2 << 20
+shm_names = sorted(n for n in os.listdir("/dev/shm") if not n.startswith("sem."))
+assert shm_names == sorted([big.name, "mmapdir"]), shm_names
+
 small = mpshm.SharedMemory(create=True, size=512 << 10, backend="sysv")
 small.buf[:] = b"\x02" * small.size
 small.close(); small.unlink()
@@ -93,4 +116,7 @@ def test_small_tmpfs_gives_enospc_not_sigbus():
     assert "10.0 MiB" in lines["SECOND"]
     assert "/dev/shm/mmapdir" in lines["MMAP"]
     assert "shmmax" in lines["SYSV"] and "2.0 MiB" in lines["SYSV"]
+    assert "/dev/shm" in lines["PICKLER"] and "8.0 MiB" in lines["PICKLER"]
+    assert "6.0 MiB" in lines["PICKLER"]  # free, counting what the failed write took
+    assert "8.0 MiB" in lines["POOL"]
     assert result.stdout.strip().endswith("OK")

@@ -207,14 +207,14 @@ def test_failed_dumps_leaves_nothing(backend, monkeypatch):
             raise RuntimeError("no")
 
     made = []
-    original = reduction.Carrier.new_segment
+    original = reduction.Carrier.carry
 
-    def recording(self, nbytes):
-        shm = original(self, nbytes)
-        made.append(shm.name)
-        return shm
+    def recording(self, raw, context):
+        segment, offset = original(self, raw, context)
+        made.append(segment.name)
+        return segment, offset
 
-    monkeypatch.setattr(reduction.Carrier, "new_segment", recording)
+    monkeypatch.setattr(reduction.Carrier, "carry", recording)
     with pytest.raises(RuntimeError):
         reduction.dumps([np.zeros(1 << 18), Bad()], backend=backend)
     assert len(made) == 1 and not exists(made[0])

@@ -216,6 +216,31 @@ class Backend(abc.ABC):
         cannot hold it, leaving nothing behind. The segment reads as zeros.
         """
 
+    def create_from(
+        self, ident: str, data: memoryview, options: Mapping[str, Any]
+    ) -> Optional[str]:
+        """Create the segment exclusively, holding a copy of *data* (its size
+        is ``data.nbytes``), without keeping it mapped; return its identity.
+
+        The sharing pickler's copies are made this way. This default maps
+        the new segment and copies; backends with a file descriptor write
+        through it instead, which is faster for a fresh segment.
+        """
+        attachment = self.create(ident, data.nbytes, options)
+        try:
+            assert attachment.buf is not None
+            attachment.buf[: data.nbytes] = data
+            return attachment.identity
+        except BaseException:
+            attachment.close()
+            try:
+                self.unlink(ident)
+            except OSError:
+                pass
+            raise
+        finally:
+            attachment.close()
+
     @abc.abstractmethod
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
         """Map an existing segment. Never changes or removes anything."""

@@ -21,18 +21,19 @@ import errno
 import os
 import stat
 import tempfile
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ._base import (
     Attachment,
     Backend,
     MmapAttachment,
     SegmentInfo,
+    fstat_identity,
     list_files,
     random_token,
     sized_stat,
 )
-from .posix import reserve
+from .posix import reserve, write_all
 
 __all__ = ["MmapBackend", "default_dir"]
 
@@ -139,7 +140,11 @@ class MmapBackend(Backend):
     def qualified(self, ident: str) -> str:
         return f"{self.name}:{ident}"
 
-    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+    _REMEDY = "Free space there, or pass dir= (or set MPSHM_DIR) to a larger filesystem."
+
+    def _new(self, ident: str, options: Mapping[str, Any], fill: Callable[[int, str], Any]) -> Any:
+        """Create file *ident* exclusively and call *fill* with its descriptor
+        and the storage's description; on any failure remove it again."""
         parent = os.path.dirname(ident)
         check_dir(parent, create=parent == self._dir(options))
         try:
@@ -151,24 +156,31 @@ class MmapBackend(Backend):
                 errno.EEXIST, "A file of that name exists", self.qualified(ident)
             ) from None
         try:
-            reserve(
-                fd,
-                size,
-                f"{parent} (mmap backend)",
-                parent,
-                "Free space there, or pass dir= (or set MPSHM_DIR) to a larger filesystem.",
-            )
-            st = os.fstat(fd)
-            attachment = MmapAttachment(fd, size, f"{st.st_dev}:{st.st_ino}")
+            return fill(fd, f"{parent} (mmap backend)")
         except BaseException:
-            os.close(fd)
             try:
                 os.unlink(ident)
             except OSError:
                 pass
             raise
-        os.close(fd)
+        finally:
+            os.close(fd)
+
+    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        def fill(fd: int, storage: str) -> Attachment:
+            reserve(fd, size, storage, os.path.dirname(ident), self._REMEDY)
+            return MmapAttachment(fd, size, fstat_identity(fd))
+
+        attachment: Attachment = self._new(ident, options, fill)
         return attachment
+
+    def create_from(self, ident: str, data: memoryview, options: Mapping[str, Any]) -> str:
+        def fill(fd: int, storage: str) -> str:
+            write_all(fd, data, storage, os.path.dirname(ident), self._REMEDY)
+            return fstat_identity(fd)
+
+        identity: str = self._new(ident, options, fill)
+        return identity
 
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
         try:
