@@ -10,13 +10,14 @@ import sys
 from helpers import ROOT
 
 
-def _run(script, out):
-    """Run benchmarks/<script> briefly, writing JSON to *out*; return its rows."""
+def _run(script, out, *options):
+    """Run benchmarks/<script> briefly (with *options*), writing JSON to *out*;
+    return what it wrote."""
     env = dict(os.environ, PYTHONPATH=ROOT)
     env.pop("MPSHM_TRACKER", None)
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "benchmarks", script), "--repeat", "1",
-         "--json", str(out)],
+         "--json", str(out), *options],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr
@@ -35,3 +36,21 @@ def test_manager_benchmark_runs(tmp_path):
     assert {row["manager"] for row in rows} == {"stdlib", "mpshm-posix", "mpshm-sysv",
                                                  "mpshm-mmap"}
     assert all(row["ms"] > 0 and row["ratio"] > 0 for row in rows)
+
+
+def test_pool_benchmark_runs(tmp_path):
+    # --sizes overrides --quick's sizes (1M 16M 64M): two small ones keep it short.
+    figures = _run("pool.py", tmp_path / "figures.json", "--quick", "--sizes", "1M", "4M")
+    methods = {"pickle", "stdlib-shm", "mpshm-posix", "mpshm-sysv", "mpshm-mmap", "preshared"}
+    directions = {"send", "args", "results"}
+    rows = figures["rows"]
+    assert sorted((r["direction"], r["method"], r["size"]) for r in rows) == sorted(
+        (d, m, s) for d in directions for m in methods for s in (1 << 20, 4 << 20)
+    )
+    assert all(r["ms"] > 0 and r["gbps"] > 0 and r["x_vs_pickle"] > 0 for r in rows)
+    assert figures["memcpy_gbps"] > 0
+    # The verdicts are there; whether they pass is for people to read (noisy machines).
+    assert set(figures["targets"]) == {"a_preshared_flat", "a_preshared_overhead",
+                                       "b_mpshm_vs_pickle_256M", "c_results_vs_args"}
+    assert all(v["pass"] in (True, False, None) for v in figures["targets"].values())
+    assert figures["targets"]["b_mpshm_vs_pickle_256M"]["pass"] is None  # 256M not run
