@@ -8,6 +8,7 @@ registered, and exits. It writes nothing to stdout or stderr.
 
 from __future__ import annotations
 
+import collections
 import importlib
 import os
 import selectors
@@ -23,6 +24,7 @@ from . import _protocol
 _POLL = 0.05  # seconds between checks of watched processes
 _BATCH = 0.005  # seconds between reads while messages flow
 _IDLE = 0.5  # seconds without messages before waiting for the next one
+_GONE = 4096  # unregistrations of unknown keys remembered (see Tracker.gone)
 
 
 def start_time(pid: int) -> Optional[str]:
@@ -95,6 +97,10 @@ class Tracker:
         self.owners: dict[tuple[str, str], socket.socket] = {}
         # Scope tokens announced with "scope": the connection that owns each.
         self.scopes: dict[str, socket.socket] = {}
+        # Keys unregistered before they were registered: a "join" (always a
+        # fresh random name) sent on one connection can be read after the
+        # "unreg" of the process that took the segment over, sent on another.
+        self.gone: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
         self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
         self.watched: dict[int, str] = {}
         if parent is not None:
@@ -116,6 +122,8 @@ class Tracker:
                     for joined, entry in self.entries.items():
                         if entry.get("s") == token and joined not in self.owners:
                             self.owners[joined] = conn
+            elif op == "join" and key in self.gone:
+                continue  # taken over and unlinked already
             elif op in ("reg", "own", "join"):
                 self.entries[key] = msg
                 owner = conn if op == "own" else None
@@ -126,8 +134,15 @@ class Tracker:
                 else:
                     self.owners.pop(key, None)
             elif op == "unreg":
-                self.entries.pop(key, None)
+                removed = self.entries.pop(key, {"op": "join"})  # unknown: as a join
                 self.owners.pop(key, None)
+                if removed["op"] == "join":
+                    # A "join" is a fresh random name, registered once or
+                    # twice (SysV adds its identity): any that is read
+                    # after this is stale.
+                    self.gone[key] = None
+                    if len(self.gone) > _GONE:
+                        self.gone.popitem(last=False)
 
     def closed(self, conn: socket.socket) -> None:
         """*conn* ended: destroy what it owns (registered with "own", or

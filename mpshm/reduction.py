@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import ctypes
 import io
+import os
 import pickle
+import queue
 import socket
 import struct
 import sys
@@ -301,12 +303,76 @@ def array_handle(arr: numpy.ndarray) -> Optional[_ArrayHandle]:
 
 
 def _take_name(backend: str, ident: str) -> None:
-    """This process takes a segment over: destroy its name now (mappings stay)."""
+    """Destroy the name of a segment this process took over, and stop tracking it."""
     try:
         backends.get(backend).unlink(ident)
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         pass
     tracking.unregister(backend, ident)
+
+
+class _Reaper:
+    """Destroys the names of segments this process took over (a pool's
+    results, say) once its last view of each is gone, in a thread of its own.
+
+    Why not at once, or in the thread that drops the last view: the pages of
+    a segment are freed when both its name and its last mapping are gone,
+    whichever goes last, and freeing a large segment takes a while (about
+    0.1 s per GiB). Unlinking after the unmap, off the caller's thread,
+    keeps that cost off the receiver's critical path. The names are
+    registered with the sender's tracker meanwhile, so a crash leaks nothing
+    (a pool's scope destroys them when the pool ends, at the latest).
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # A forked child starts without the thread and without the parent's
+        # segments (they are the parent's to destroy).
+        self._queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+        self._lock = threading.Lock()
+        self._watched: set[tuple[str, str]] = set()
+
+    def watch(self, owner: Any, backend: str, ident: str) -> None:
+        """Destroy *ident*'s name once *owner* (this process's mapping) is gone."""
+        with self._lock:
+            if (backend, ident) in self._watched:
+                return
+            self._watched.add((backend, ident))
+        finalizer = weakref.finalize(owner, self._enqueue, backend, ident)
+        finalizer.atexit = False  # at exit the tracker takes care of it
+
+    def _enqueue(self, backend: str, ident: str) -> None:
+        self._queue.put((backend, ident))
+        with self._lock:
+            if self._thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name="mpshm-reaper", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutting down: do it here
+                self._reap(*self._queue.get())
+                return
+            self._thread = thread
+
+    def _reap(self, backend: str, ident: str) -> None:
+        with self._lock:
+            self._watched.discard((backend, ident))
+        try:
+            _take_name(backend, ident)
+        except Exception:  # never let the thread die; the tracker is the backstop
+            pass
+
+    def _run(self) -> None:
+        while True:
+            self._reap(*self._queue.get())
+
+
+_reaper = _Reaper()
 
 
 def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
@@ -318,7 +384,7 @@ def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
         shareable=not handle.given,
     )
     if handle.given:
-        _take_name(handle.backend, handle.ident)
+        _reaper.watch(owner, handle.backend, handle.ident)
     arr = SharedArray(
         handle.shape, handle.dtype, buffer=memoryview(owner), offset=handle.offset,
         strides=handle.strides,
@@ -591,7 +657,7 @@ def dump(pickler: SharingPickler, obj: Any, cleanup: Callable[[SharingPickler], 
         cleanup(pickler)
         pickler.clear_memo()
         _drop_tracebacks(exc)
-        raise exc  # noqa: B904 - the same exception, re-raised from here
+        raise exc
 
 
 def _drop_tracebacks(exc: BaseException) -> None:
@@ -626,7 +692,7 @@ def _take(descriptor: _Descriptor) -> memoryview:
         descriptor.machine, shareable=descriptor.kind == "ref",
     )
     if descriptor.kind == "give":
-        _take_name(descriptor.backend, descriptor.ident)
+        _reaper.watch(owner, descriptor.backend, descriptor.ident)
     view = memoryview(owner)[descriptor.offset : descriptor.offset + descriptor.nbytes]
     return view.toreadonly() if descriptor.readonly else view
 

@@ -50,16 +50,20 @@ def test_pool_sends_arguments_by_handle_and_ends_their_segments(backend, method)
 
 
 def test_results_come_back_by_handle_and_belong_to_the_receiver(backend, method):
-    with mpshm.Pool(2, context=multiprocessing.get_context(method), backend=backend) as p:
-        results = p.map(make_array, [MiB // 8, 3 * MiB // 8], [1.0, 2.0]) if False else \
-            p.starmap(make_array, [(MiB // 8, 1.0), (3 * MiB // 8, 2.0)])
-    # The pool is gone; the results are still valid views.
-    assert [r.sum() for r in results] == [MiB // 8, 3 * MiB // 4]
-    assert not results[0].flags.writeable
     from helpers import segment_of
 
-    names = [segment_of(r) for r in results]
-    assert None not in names and not any(exists(n) for n in names)  # names gone at receipt
+    with mpshm.Pool(2, context=multiprocessing.get_context(method), backend=backend) as p:
+        results = p.starmap(make_array, [(MiB // 8, 1.0), (3 * MiB // 8, 2.0)])
+        names = [segment_of(r) for r in results]
+        assert None not in names
+        dropped = p.apply(make_array, (MiB // 8, 3.0))
+        name = segment_of(dropped)
+        del dropped  # the last view: its name goes now, the pool still running
+        wait_until(lambda: not exists(name), 5)
+    # The pool is gone, and with it the names; the results are still valid views.
+    wait_until(lambda: not any(exists(n) for n in names), 5)
+    assert [r.sum() for r in results] == [MiB // 8, 3 * MiB // 4]
+    assert not results[0].flags.writeable
 
 
 def test_preshared_arrays_are_writable_in_workers(backend, method):
@@ -195,7 +199,8 @@ def test_arrays_made_by_workers_are_handed_over(backend, method):
     from helpers import segment_of
 
     name = segment_of(arr)
-    assert name is not None and not exists(name)  # the name went at receipt
+    assert name is not None
+    wait_until(lambda: not exists(name), 5)  # the pool ended: so did the name
     arr[:] = 1.0  # the memory is ours for as long as we hold it
     assert arr.sum() == 1 << 16
 

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import exists, run_script, segment_of
+from helpers import exists, run_script, segment_of, wait_until
 
 import mpshm
 import mpshm.numpy as mnp
@@ -172,10 +172,13 @@ def test_dumps_moves_large_buffers_and_loads_takes_them(backend):
     assert isinstance(out["view"], memoryview) and out["view"].readonly
     assert len(out["view"]) == 3 << 20
     assert out["strided"].shape == (512, 512) and out["strided"].sum() == 512 * 512
-    # The receiver took the segments over: their names are gone already.
+    # The receiver took the segments over: their names go with its last view
+    # (in a thread of their own, so that freeing the pages costs the caller nothing).
     names = {segment_of(out["big"]), segment_of(out["strided"])}
     assert None not in names
-    assert not any(exists(name) for name in names)
+    assert all(exists(name) for name in names)
+    del out
+    wait_until(lambda: not any(exists(name) for name in names), 5)
 
 
 def test_threshold_decides_inline_or_shared(backend):
@@ -183,8 +186,11 @@ def test_threshold_decides_inline_or_shared(backend):
     shared = reduction.dumps(arr, threshold=8000, backend=backend)
     inline = reduction.dumps(arr, threshold=8001, backend=backend)
     assert len(shared) < 1000 and len(inline) > 8000
-    assert not reduction.loads(shared).flags.writeable
     assert reduction.loads(inline).flags.writeable
+    received = reduction.loads(shared)
+    assert not received.flags.writeable
+    del received  # the name goes in the reaper's thread
+    wait_until(lambda: not mpshm.tracking.tracked(), 5)
     with pytest.raises(ValueError):
         reduction.dumps(arr, threshold=-1)
     with pytest.raises(ValueError, match="unknown mpshm backend 'nope'"):
@@ -228,8 +234,6 @@ def test_unloaded_dumps_are_destroyed_with_the_program(backend):
         print(reduction.split(data)[1][0].name)
     """)
     assert result.returncode == 0, result.stderr
-    from helpers import wait_until
-
     wait_until(lambda: not exists(result.stdout.strip()), 5)
 
 

@@ -379,3 +379,47 @@ def test_scope_destroys_its_segments_when_closed(backend):
         handed_on.unlink()
         if exists(held.name):
             held.unlink()
+
+
+def _message(op, ident, identity=None, extra=None):
+    from mpshm import _protocol
+
+    return _protocol.Decoder().feed(_protocol.encode(op, "posix", ident, identity, extra))
+
+
+def test_tracker_bookkeeping_of_scopes_joins_and_late_messages():
+    """The tracker's rules, message by message (messages of different
+    connections may be read in any order)."""
+    import socket
+
+    from mpshm import _tracker
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    owner, worker, parent = (a for a, _ in pairs)
+    listener = socket.socket(socket.AF_UNIX)
+    tracker = _tracker.Tracker(owner, listener, None)
+    destroyed = []
+    tracker.destroy = lambda key, msg: destroyed.append(key[1])  # type: ignore[method-assign]
+    try:
+        tracker.handle(_message("join", "early", extra={"s": "T"}), worker)  # before the scope
+        tracker.handle(_message("scope", "T"), owner)
+        tracker.handle(_message("join", "kept", extra={"s": "T"}), worker)
+        tracker.handle(_message("join", "taken", extra={"s": "T"}), worker)
+        tracker.handle(_message("unreg", "taken"), parent)  # the parent took it over
+        tracker.handle(_message("join", "taken", "id", {"s": "T"}), worker)  # late: stale
+        tracker.handle(_message("unreg", "raced"), parent)  # read before its join
+        tracker.handle(_message("join", "raced", extra={"s": "T"}), worker)
+        tracker.handle(_message("unreg", "mine"), parent)  # a user's name, unlinked...
+        tracker.handle(_message("reg", "mine"), parent)  # ...and made again: tracked
+        assert set(tracker.entries) == {("posix", "early"), ("posix", "kept"),
+                                        ("posix", "mine")}
+        tracker.closed(worker)  # a worker's end destroys nothing of the scope's
+        assert destroyed == []
+        tracker.closed(owner)  # the scope's end destroys what it owns
+        assert sorted(destroyed) == ["early", "kept"]
+        assert set(tracker.entries) == {("posix", "mine")} and not tracker.scopes
+    finally:
+        for a, b in pairs:
+            a.close()
+            b.close()
+        listener.close()
