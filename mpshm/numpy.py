@@ -24,7 +24,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import backends, reduction, tracking
+from . import reduction
 from .shared_memory import SharedMemory
 
 __all__ = [
@@ -64,14 +64,6 @@ class SharedArray(np.ndarray):  # type: ignore[type-arg,unused-ignore]
         return result
 
 
-def _finalize(backend: str, ident: str) -> None:
-    try:
-        backends.get(backend).unlink(ident)
-    except (FileNotFoundError, PermissionError):
-        pass
-    tracking.unregister(backend, ident)
-
-
 # Finalizers of the segments this process owns, by mapping owner.
 _owned: weakref.WeakKeyDictionary[Any, weakref.finalize[Any, Any]] = weakref.WeakKeyDictionary()
 
@@ -93,7 +85,7 @@ def _owned_array(
     assert shm._backend is not None and shm._ident is not None
     arr = SharedArray(shape, dtype, buffer=memoryview(owner), order=order,  # type: ignore[arg-type]
     )
-    _owned[owner] = weakref.finalize(owner, _finalize, shm._backend.name, shm._ident)
+    _owned[owner] = weakref.finalize(owner, reduction.destroy_name, shm._backend.name, shm._ident)
     shm._forget_attachment()
     return arr
 
@@ -172,4 +164,4 @@ def release(arr: np.ndarray) -> None:
     if finalizer is not None:
         finalizer()
     else:
-        _finalize(region.backend, region.ident)
+        reduction.destroy_name(region.backend, region.ident)

@@ -349,10 +349,11 @@ class _Sharing:
                     done.append(loan)
                     if loan.key is not None and self.memo.get(loan.key) is loan:
                         del self.memo[loan.key]
+        segments = [loan.segment for loan in done if loan.segment is not None]
         for loan in done:
             loan.source = None
-            if loan.segment is not None:
-                reduction.discard([loan.segment], self.scope)
+        if segments:  # off this thread: see reduction.reaper
+            reduction.reaper.later(reduction.discard, segments, self.scope)
 
     def begin_batch(self, batch: Any) -> None:
         """Keep the copies made for *batch* until :meth:`end_batch`."""
@@ -381,6 +382,7 @@ class _Sharing:
                 self.open_batches.clear()
             # What this process lent is destroyed before close() returns; the
             # tracker destroys the rest (results workers made and never sent).
+            reduction.reaper.drain()
             for loan in loans.values():
                 loan.source = None
                 if loan.segment is not None:
@@ -626,7 +628,10 @@ def get_context(
     ends it.
     """
     if method is None:
-        method = multiprocessing.get_start_method()
+        # The program's choice if it made one, else the platform's default
+        # (the first listed); get_start_method() alone would fix the choice.
+        method = (multiprocessing.get_start_method(allow_none=True)
+                  or multiprocessing.get_all_start_methods()[0])
     if method not in _PROCESSES:
         raise ValueError(
             f"unknown start method {method!r}; choose one of {sorted(_PROCESSES)}"

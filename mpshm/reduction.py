@@ -302,8 +302,9 @@ def array_handle(arr: numpy.ndarray) -> Optional[_ArrayHandle]:
     return None if located is None else located[0]
 
 
-def _take_name(backend: str, ident: str) -> None:
-    """Destroy the name of a segment this process took over, and stop tracking it."""
+def destroy_name(backend: str, ident: str) -> None:
+    """Destroy the name of a segment this process owns (or took over), and
+    stop tracking it; a name already gone is fine."""
     try:
         backends.get(backend).unlink(ident)
     except (FileNotFoundError, PermissionError):
@@ -312,16 +313,16 @@ def _take_name(backend: str, ident: str) -> None:
 
 
 class _Reaper:
-    """Destroys the names of segments this process took over (a pool's
-    results, say) once its last view of each is gone, in a thread of its own.
+    """Destroys segments in a thread of its own: those this process took over
+    (a pool's results) once its last view of each is gone, and those a pool
+    lent to a task once the task is done.
 
-    Why not at once, or in the thread that drops the last view: the pages of
-    a segment are freed when both its name and its last mapping are gone,
-    whichever goes last, and freeing a large segment takes a while (about
-    0.1 s per GiB). Unlinking after the unmap, off the caller's thread,
-    keeps that cost off the receiver's critical path. The names are
-    registered with the sender's tracker meanwhile, so a crash leaks nothing
-    (a pool's scope destroys them when the pool ends, at the latest).
+    Why not at once, in the caller's thread: a segment's pages are freed when
+    both its name and its last mapping are gone, whichever goes last, and
+    freeing a large segment takes a while (about 0.2 s per GiB of /dev/shm
+    here). Doing it in this thread keeps that off the path of the result the
+    caller waits for. The segments stay registered with a tracker meanwhile,
+    so a crash leaks nothing; :meth:`drain` does what is queued at once.
     """
 
     def __init__(self) -> None:
@@ -332,7 +333,9 @@ class _Reaper:
     def _reset(self) -> None:
         # A forked child starts without the thread and without the parent's
         # segments (they are the parent's to destroy).
-        self._queue: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.Lock()
         self._watched: set[tuple[str, str]] = set()
@@ -343,11 +346,17 @@ class _Reaper:
             if (backend, ident) in self._watched:
                 return
             self._watched.add((backend, ident))
-        finalizer = weakref.finalize(owner, self._enqueue, backend, ident)
+        finalizer = weakref.finalize(owner, self.later, self._unwatch, backend, ident)
         finalizer.atexit = False  # at exit the tracker takes care of it
 
-    def _enqueue(self, backend: str, ident: str) -> None:
-        self._queue.put((backend, ident))
+    def _unwatch(self, backend: str, ident: str) -> None:
+        with self._lock:
+            self._watched.discard((backend, ident))
+        destroy_name(backend, ident)
+
+    def later(self, job: Callable[..., None], *args: Any) -> None:
+        """Run ``job(*args)`` in the reaper's thread."""
+        self._queue.put((job, args))
         with self._lock:
             if self._thread is not None:
                 return
@@ -355,24 +364,33 @@ class _Reaper:
             try:
                 thread.start()
             except RuntimeError:  # interpreter shutting down: do it here
-                self._reap(*self._queue.get())
+                self.drain()
                 return
             self._thread = thread
 
-    def _reap(self, backend: str, ident: str) -> None:
-        with self._lock:
-            self._watched.discard((backend, ident))
+    def drain(self) -> None:
+        """Run what is queued now, in this thread."""
+        while True:
+            try:
+                job, args = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            self._run_one(job, args)
+
+    @staticmethod
+    def _run_one(job: Callable[..., None], args: tuple[Any, ...]) -> None:
         try:
-            _take_name(backend, ident)
+            job(*args)
         except Exception:  # never let the thread die; the tracker is the backstop
             pass
 
     def _run(self) -> None:
         while True:
-            self._reap(*self._queue.get())
+            self._run_one(*self._queue.get())
 
 
-_reaper = _Reaper()
+#: The process's reaper (see :class:`_Reaper`).
+reaper = _Reaper()
 
 
 def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
@@ -384,7 +402,7 @@ def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
         shareable=not handle.given,
     )
     if handle.given:
-        _reaper.watch(owner, handle.backend, handle.ident)
+        reaper.watch(owner, handle.backend, handle.ident)
     arr = SharedArray(
         handle.shape, handle.dtype, buffer=memoryview(owner), offset=handle.offset,
         strides=handle.strides,
@@ -692,7 +710,7 @@ def _take(descriptor: _Descriptor) -> memoryview:
         descriptor.machine, shareable=descriptor.kind == "ref",
     )
     if descriptor.kind == "give":
-        _reaper.watch(owner, descriptor.backend, descriptor.ident)
+        reaper.watch(owner, descriptor.backend, descriptor.ident)
     view = memoryview(owner)[descriptor.offset : descriptor.offset + descriptor.nbytes]
     return view.toreadonly() if descriptor.readonly else view
 

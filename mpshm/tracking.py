@@ -299,6 +299,7 @@ class Scope:
         #: Names this scope to other processes of the program (see :class:`Member`).
         self.token = secrets.token_hex(12)
         self._pid = os.getpid()
+        self._closed = False
         _scopes.add(self)
 
     def connect(self) -> None:
@@ -318,10 +319,12 @@ class Scope:
 
     def unregister(self, backend: str, ident: str) -> None:
         """Like :func:`unregister`: the segment was unlinked, or is handed on."""
-        self._client.unregister(backend, ident)
+        if not self._closed:  # once closed, the tracker forgot the scope anyway
+            self._client.unregister(backend, ident)
 
     def close(self) -> None:
         """Close the connection: the tracker destroys what is still registered."""
+        self._closed = True
         self._client.close()
 
 
