@@ -21,9 +21,12 @@ copied once.
 Lifetimes:
 
 * a segment made to carry a task's arguments is destroyed as soon as the
-  task's result is back (the worker's views stay valid while it uses them);
-* a result's segment belongs to the receiver: its name is destroyed as soon
-  as it is received, its memory when the last view of it is gone;
+  task's result is back (by :data:`mpshm.reduction.reaper`'s thread; the
+  worker's views stay valid while it uses them); arrays sent by reference
+  are kept alive by the pool until then;
+* a result's segment belongs to the receiver: its name is destroyed once the
+  receiver's last view of it is gone, or when the pool ends; the memory goes
+  with the last view;
 * whatever is still in flight when the pool ends (``terminate()``, ``join()``,
   the end of a ``with`` block, ``shutdown()``, or the pool being garbage
   collected) is destroyed then; if the parent process is killed (SIGKILL
@@ -170,16 +173,23 @@ class _Loan:
         self.key = key
 
 
-class _LoanCarrier(Carrier):
+class _PoolCarrier(Carrier):
+    """A carrier with a context's settings (checked once, by the context)."""
+
+    def __init__(self, sharing: _Sharing) -> None:  # settings already checked
+        self.threshold = sharing.threshold
+        self.backend = sharing.backend
+        self.options = sharing.options
+
+
+class _LoanCarrier(_PoolCarrier):
     """Copies buffers into segments the sending process keeps until the
     tasks that use them are done (one copy per buffer and batch)."""
 
     kind = "loan"
 
     def __init__(self, sharing: _Sharing, batch: Any) -> None:
-        self.threshold = sharing.threshold
-        self.backend = sharing.backend
-        self.options = sharing.options
+        super().__init__(sharing)
         self.sharing = sharing
         self.batch = batch
         self.used: list[_Loan] = []
@@ -211,14 +221,12 @@ class _LoanCarrier(Carrier):
         return segment, 0
 
 
-class _GiveCarrier(Carrier):
+class _GiveCarrier(_PoolCarrier):
     """Copies buffers into segments the receiver takes over; registered with
     *registry* (the pool's scope, or a worker's membership of it)."""
 
     def __init__(self, sharing: _Sharing, registry: Any) -> None:
-        self.threshold = sharing.threshold
-        self.backend = sharing.backend
-        self.options = sharing.options
+        super().__init__(sharing)
         self._registry = registry
 
     def registry(self) -> Any:
