@@ -25,6 +25,7 @@ _POLL = 0.05  # seconds between checks of watched processes
 _BATCH = 0.005  # seconds between reads while messages flow
 _IDLE = 0.5  # seconds without messages before waiting for the next one
 _GONE = 4096  # unregistrations of unknown keys remembered (see Tracker.gone)
+_SETTLE_ROUNDS = 100  # reads of whatever is pending before applying ended connections
 
 
 def start_time(pid: int) -> Optional[str]:
@@ -101,6 +102,8 @@ class Tracker:
         # fresh random name) sent on one connection can be read after the
         # "unreg" of the process that took the segment over, sent on another.
         self.gone: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        # Connections that ended, to apply once what came before is read (_settle).
+        self.ended: list[socket.socket] = []
         self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
         self.watched: dict[int, str] = {}
         if parent is not None:
@@ -193,8 +196,28 @@ class Tracker:
             self.handle(decoder.feed(data), conn)
         selector.unregister(conn)
         del self.conns[conn]
-        self.closed(conn)
-        conn.close()
+        self.ended.append(conn)  # see _settle
+        return received
+
+    def _settle(self, selector: selectors.BaseSelector) -> bool:
+        """Apply the ends of connections, once every message sent before them
+        is in: a worker's "join" for a scope sits in the worker's own
+        connection (maybe not even accepted yet) while the scope's owner
+        closes, and must be read first. Returns whether there were messages."""
+        received = False
+        for _ in range(_SETTLE_ROUNDS):
+            events = selector.select(0)
+            if not events:
+                break
+            for key, _ in events:
+                if key.fileobj is self.listener:
+                    self._accept(selector)
+                elif self._receive(selector, key.fileobj):  # type: ignore[arg-type]
+                    received = True
+        ended, self.ended = self.ended, []
+        for conn in ended:
+            self.closed(conn)
+            conn.close()
         return received
 
     def run(self) -> None:
@@ -223,6 +246,8 @@ class Tracker:
                         self._accept(selector)
                     elif self._receive(selector, key.fileobj):  # type: ignore[arg-type]
                         last_message = time.monotonic()
+                if self.ended and self._settle(selector):
+                    last_message = time.monotonic()
                 # Before deciding, take in whoever connected meanwhile.
                 if not self.conns and not self.still_running() and not selector.select(0):
                     return

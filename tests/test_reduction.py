@@ -179,6 +179,7 @@ def test_dumps_moves_large_buffers_and_loads_takes_them(backend):
     assert all(exists(name) for name in names)
     del out
     wait_until(lambda: not any(exists(name) for name in names), 5)
+    wait_until(lambda: not mpshm.tracking.tracked(), 5)  # unregistered after the unlink
 
 
 def test_threshold_decides_inline_or_shared(backend):

@@ -423,3 +423,40 @@ def test_tracker_bookkeeping_of_scopes_joins_and_late_messages():
             a.close()
             b.close()
         listener.close()
+
+
+def test_tracker_reads_what_came_before_a_scope_ended():
+    """A worker's join for a scope, sent on a connection not even accepted
+    yet, is read before the scope's end is applied (else the segment would
+    outlive the scope)."""
+    import selectors
+    import socket
+
+    from mpshm import _protocol, _tracker
+
+    owner_end, owner = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(f"\0mpshm-test-{os.urandom(8).hex()}")
+    listener.listen(8)
+    worker = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    tracker = _tracker.Tracker(owner, listener, None)
+    destroyed = []
+    tracker.destroy = lambda key, msg: destroyed.append(key[1])  # type: ignore[method-assign]
+    with selectors.DefaultSelector() as selector:
+        selector.register(listener, selectors.EVENT_READ)
+        selector.register(owner, selectors.EVENT_READ)
+        try:
+            owner_end.send(_protocol.encode("scope", "", "T", None))
+            tracker._receive(selector, owner)
+            worker.connect(listener.getsockname())
+            worker.send(_protocol.encode("join", "posix", "result", None, {"s": "T"}))
+            owner_end.close()  # the pool ends
+            tracker._receive(selector, owner)  # end of file: noted, not yet applied
+            assert destroyed == [] and tracker.ended == [owner]
+            tracker._settle(selector)
+            assert destroyed == ["result"] and not tracker.ended
+        finally:
+            worker.close()
+            listener.close()
+            for conn in list(tracker.conns):
+                conn.close()
