@@ -40,6 +40,7 @@ process that owns it dies.
 from __future__ import annotations
 
 import concurrent.futures
+import concurrent.futures.process
 import functools
 import io
 import itertools
@@ -77,15 +78,6 @@ def _task_key(obj: Any) -> Optional[tuple[Any, ...]]:
             batch = fn.batch
         return ("e", obj.work_id), batch
     return None
-
-
-def _about(obj: Any, worker: bool) -> Optional[tuple[Any, ...]]:
-    """What to put in a message's place if the receiver cannot unpickle it."""
-    if worker:
-        key = _result_key(obj)
-        return None if key is None else (*key, "result")
-    found = _task_key(obj)
-    return None if found is None else (*found[0], "task")
 
 
 def _fail(exc: BaseException) -> None:
@@ -197,18 +189,18 @@ class _LoanCarrier(_PoolCarrier):
     def registry(self) -> Any:
         return self.sharing.scope
 
-    def carry(self, raw: memoryview, context: Any) -> tuple[reduction.Segment, int]:
+    def carry(self, raw: memoryview, address: int) -> tuple[reduction.Segment, int]:
         sharing = self.sharing
         key = None
         if self.batch is not None:
-            key = (self.batch, reduction.buffer_address(raw), raw.nbytes)
+            key = (self.batch, address, raw.nbytes)
             with sharing.lock:
                 loan = sharing.memo.get(key)
                 if loan is not None and loan.users > 0 and loan.segment is not None:
                     loan.users += 1
                     self.used.append(loan)
                     return loan.segment, 0
-        segment, _ = super().carry(raw, context)
+        segment, _ = super().carry(raw, address)
         loan = _Loan(segment, raw.obj, key)
         loan.users = 1
         self.used.append(loan)
@@ -251,10 +243,10 @@ class _Sharing:
         self.scope = tracking.Scope()
         self.scope.connect()  # starts the tracker before any worker exists
         self.token = self.scope.token
+        self.pid = os.getpid()  # the owner: the pool's parent
         self._setup()
 
     def _setup(self) -> None:
-        self.pid = getattr(self, "pid", os.getpid())
         self.lock = threading.Lock()
         self.memo: dict[Any, _Loan] = {}
         self.inflight: dict[Any, list[_Loan]] = {}
@@ -286,25 +278,32 @@ class _Sharing:
 
     # -- sending
 
-    def _carrier(self, obj: Any) -> tuple[Carrier, Any]:
+    def _carrier(self, obj: Any) -> tuple[Carrier, Any, Optional[tuple[Any, ...]]]:
+        """The carrier for message *obj*, its task key (tasks only), and what
+        to substitute for it if it cannot be unpickled (see :func:`_substitute`)."""
         if os.getpid() != self.pid:  # a worker: results go to the parent
             if self._member is None or self._member_pid != os.getpid():
                 self._member = _GiveCarrier(self, tracking.Member(self.token))
                 self._member.hands_over = True
                 self._member_pid = os.getpid()
-            return self._member, None
+            result = _result_key(obj)
+            return self._member, None, None if result is None else (*result, "result")
         found = _task_key(obj)
         if found is None:
-            return _GiveCarrier(self, self.scope), None
+            return _GiveCarrier(self, self.scope), None, None
         key, batch = found
-        return _LoanCarrier(self, batch), key
+        return _LoanCarrier(self, batch), key, (*key, "task")
 
     def dumps(self, obj: Any) -> bytes:
-        """Pickle one message (see the module docstring for what goes how)."""
-        carrier, key = self._carrier(obj)
+        """Pickle one message (see the module docstring for what goes how).
+
+        Every task and result says what it is (*about*), whatever it holds:
+        a handle the pickler did not see (inside an object's own
+        ``__reduce__``, say) can fail to attach too, and the pool must hear
+        of it rather than hang."""
+        carrier, key, about = self._carrier(obj)
         file = io.BytesIO()
-        pickler = SharingPickler(file, carrier)
-        pickler.dispatch_table = _dispatch_table()
+        pickler = SharingPickler(file, carrier, _dispatch_table())
 
         def cleanup(failed: SharingPickler) -> None:
             if isinstance(carrier, _LoanCarrier):
@@ -313,9 +312,6 @@ class _Sharing:
                 reduction.discard(failed.made, carrier.registry())
 
         reduction.dump(pickler, obj, cleanup)
-        about = None
-        if pickler.descriptors or pickler.kept:
-            about = _about(obj, worker=os.getpid() != self.pid)
         if isinstance(carrier, _LoanCarrier):
             if pickler.kept:  # sent by reference: alive until the task is done
                 keep = _Loan(None, pickler.kept, None)
@@ -557,7 +553,11 @@ if sys.platform != "win32":
 
     _PROCESSES.update(fork=_ForkProcess, forkserver=_ForkServerProcess)
 
-_WORKER_TARGETS = {"worker", "_process_worker"}
+# The functions the standard library's pools run in their workers.
+_WORKER_TARGETS = (
+    multiprocessing.pool.worker,  # type: ignore[attr-defined]
+    concurrent.futures.process._process_worker,
+)
 
 
 class SharingContext(context.BaseContext):
@@ -590,7 +590,7 @@ class SharingContext(context.BaseContext):
         pickles with the sharing pickler."""
         process = self._process_class(*args, **kwargs)
         target = getattr(process, "_target", None)
-        if getattr(target, "__name__", None) in _WORKER_TARGETS:
+        if any(target is worker for worker in _WORKER_TARGETS):
             process._mpshm_watch = True
             for arg in getattr(process, "_args", ()):
                 if isinstance(arg, multiprocessing.queues.Queue):

@@ -141,12 +141,13 @@ class SharedMemory:
 
     @classmethod
     def _create_in(
-        cls: type[_T], registry: tracking.Scope, size: int, chosen: Backend,
+        cls: type[_T], registry: _Registry, size: int, chosen: Backend,
         options: Mapping[str, Any],
     ) -> _T:
         """A new segment of *size* bytes (checked by the caller) with a generated
         name on *chosen* (its *options* checked too), registered with *registry*
-        (its owner's :class:`~mpshm.tracking.Scope`) instead of the program's tracker."""
+        (a :class:`~mpshm.tracking.Scope`, the tracking module, ...) and so not
+        tracked by this object."""
         attachment, ident = _create_generated(chosen, size, options, registry)
         self = cls.__new__(cls)
         self._track = False

@@ -86,7 +86,7 @@ def test_same_buffer_in_one_map_is_copied_once(backend):
         wait_until(lambda: not exists(name), 5)
 
 
-def test_executor_map_copies_a_buffer_once_and_submit_snapshots(backend, method):
+def test_executor_map_copies_a_buffer_once_and_submit_sees_new_values(backend, method):
     arr = np.ones(MiB // 8)
     ctx = multiprocessing.get_context(method)
     with mpshm.ProcessPoolExecutor(2, mp_context=ctx, backend=backend) as ex:

@@ -216,8 +216,8 @@ def test_failed_dumps_leaves_nothing(backend, monkeypatch):
     made = []
     original = reduction.Carrier.carry
 
-    def recording(self, raw, context):
-        segment, offset = original(self, raw, context)
+    def recording(self, raw, address):
+        segment, offset = original(self, raw, address)
         made.append(segment.name)
         return segment, offset
 

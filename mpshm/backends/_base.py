@@ -230,9 +230,7 @@ class Backend(abc.ABC):
         try:
             assert attachment.buf is not None
             attachment.buf[: data.nbytes] = data
-            return attachment.identity
         except BaseException:
-            attachment.close()
             try:
                 self.unlink(ident)
             except OSError:
@@ -240,6 +238,7 @@ class Backend(abc.ABC):
             raise
         finally:
             attachment.close()
+        return attachment.identity
 
     @abc.abstractmethod
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
