@@ -19,7 +19,6 @@ import numpy as np
 
 import mpshm
 import mpshm.numpy
-from mpshm.reduction import array_handle
 
 HEIGHT, WIDTH, TILE = 4096, 4096, 512  # 8 x 8 tiles of 512 x 512 pixels
 
@@ -51,7 +50,7 @@ def main() -> None:
 
     image = mpshm.numpy.zeros((HEIGHT, WIDTH, 3), dtype=np.uint8, backend=backend)
     paint(image)
-    name = array_handle(image).name  # the segment's name, printed only to show it
+    name = mpshm.numpy.segment_name(image)  # what SharedMemory(name) would attach
     print(f"image {image.shape} uint8, {image.nbytes / 2**20:.0f} MiB in {name} ({backend})")
 
     corners = [(top, left) for top in range(0, HEIGHT, TILE) for left in range(0, WIDTH, TILE)]

@@ -21,7 +21,6 @@ import numpy as np
 
 import mpshm
 import mpshm.numpy
-from mpshm.reduction import array_handle
 
 N = 16 * 2**20  # 16 Mi doubles: 128 MiB
 CHUNKS = 16
@@ -46,7 +45,7 @@ def main() -> None:
     # 1. A large array in shared memory, filled in place by the parent.
     data = mpshm.numpy.empty(N, dtype=np.float64, backend=backend)
     np.random.default_rng(42).standard_normal(out=data)
-    name = array_handle(data).name  # the segment's name, printed only to show it
+    name = mpshm.numpy.segment_name(data)  # what SharedMemory(name) would attach
     print(f"shared array: {data.nbytes / 2**20:.0f} MiB in {name} ({backend})")
 
     bounds = np.linspace(0, N, CHUNKS + 1, dtype=np.int64)

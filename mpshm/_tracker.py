@@ -19,7 +19,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from . import _protocol
+from . import _journal, _protocol
 
 _POLL = 0.05  # seconds between checks of watched processes
 _BATCH = 0.005  # seconds between reads while messages flow
@@ -75,16 +75,32 @@ def _carriers(needle: bytes) -> dict[int, str]:
     return found
 
 
-def _peer_uid(conn: socket.socket) -> Optional[int]:
+def _peer(conn: socket.socket) -> tuple[Optional[int], Optional[int]]:
+    """(pid, uid) of the process at the other end of *conn* (for a socket
+    pair: the process that made it), None where unknown."""
     if not hasattr(socket, "SO_PEERCRED"):
-        return os.getuid()
+        return None, os.getuid()
     fmt = "3i"
     try:
         creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
     except OSError:
+        return None, None
+    pid, uid, _gid = struct.unpack(fmt, creds)
+    return int(pid), int(uid)
+
+
+def started_at(pid: int) -> Optional[float]:
+    """When *pid* started, in seconds since the epoch (None if it is gone, a
+    zombie, or /proc does not say)."""
+    start = start_time(pid)
+    if start is None or not start.isdigit():
         return None
-    _pid, uid, _gid = struct.unpack(fmt, creds)
-    return int(uid)
+    try:
+        with open("/proc/stat", "rb") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
+    except (OSError, StopIteration, ValueError):
+        return None
+    return boot + int(start) / os.sysconf("SC_CLK_TCK")
 
 
 class Tracker:
@@ -110,6 +126,11 @@ class Tracker:
             start = start_time(parent)
             if start is not None:
                 self.watched[parent] = start
+        me = os.getpid()
+        self.journal = _journal.Writer(
+            {"pid": me, "t": started_at(me) or time.time(), "address": os.environ.get(
+                "MPSHM_TRACKER", ""), "starter": _peer(conn)[0], "parent": parent}
+        )
 
     def handle(self, messages: list[dict[str, Any]], conn: Optional[socket.socket] = None) -> None:
         """Apply the register/unregister messages that came on *conn*."""
@@ -128,7 +149,9 @@ class Tracker:
             elif op == "join" and key in self.gone:
                 continue  # taken over and unlinked already
             elif op in ("reg", "own", "join"):
+                msg["t"] = time.time()
                 self.entries[key] = msg
+                self.journal.put(key, msg)
                 owner = conn if op == "own" else None
                 if op == "join":  # owned by the scope it names, while that is open
                     owner = self.scopes.get(str(msg.get("s")))
@@ -137,8 +160,12 @@ class Tracker:
                 else:
                     self.owners.pop(key, None)
             elif op == "unreg":
-                removed = self.entries.pop(key, {"op": "join"})  # unknown: as a join
+                removed = self.entries.pop(key, None)
                 self.owners.pop(key, None)
+                if removed is not None:
+                    self.journal.drop(key)
+                else:
+                    removed = {"op": "join"}  # unknown: as a join
                 if removed["op"] == "join":
                     # A "join" is a fresh random name, registered once or
                     # twice (SysV adds its identity): any that is read
@@ -155,6 +182,7 @@ class Tracker:
         for key in [key for key, owner in self.owners.items() if owner is conn]:
             del self.owners[key]
             self.destroy(key, self.entries.pop(key))
+            self.journal.drop(key)
 
     def still_running(self) -> bool:
         """Whether any process of the program may still be alive."""
@@ -173,7 +201,7 @@ class Tracker:
             conn, _ = self.listener.accept()
         except OSError:
             return
-        if _peer_uid(conn) != os.getuid():  # only our own user may talk to us
+        if _peer(conn)[1] != os.getuid():  # only our own user may talk to us
             conn.close()
             return
         self.conns[conn] = _protocol.Decoder()
@@ -248,6 +276,7 @@ class Tracker:
                         last_message = time.monotonic()
                 if self.ended and self._settle(selector):
                     last_message = time.monotonic()
+                self.journal.flush(self.entries)
                 # Before deciding, take in whoever connected meanwhile.
                 if not self.conns and not self.still_running() and not selector.select(0):
                     return
@@ -265,9 +294,38 @@ class Tracker:
             pass
 
     def cleanup(self) -> None:
-        """Destroy everything still registered (the program is over)."""
+        """Destroy everything still registered (the program is over), then
+        remove the journal: nothing is left for ``mpshm gc`` to do."""
+        self.journal.flush(self.entries)
         for key, msg in list(self.entries.items()):
             self.destroy(key, msg)
+        self.journal.close(remove=True)
+        try:
+            prune_journals()
+        except Exception:
+            pass
+
+
+def prune_journals() -> None:
+    """Remove the journals of dead trackers that name no existing segment
+    (left by a tracker that was killed and replaced): nothing to clean up."""
+    from . import backends
+
+    for journal in _journal.read_all():
+        pid, started = journal.pid, journal.header.get("t")
+        if pid is None or not isinstance(started, (int, float)):
+            continue
+        now = started_at(pid)
+        if now is not None and now <= started + 2:
+            continue  # that tracker is alive
+        for backend, ident in journal.entries:
+            if backend not in backends.registry or backends.get(backend).identity(ident):
+                break  # something is left (or unknown): for ``mpshm gc`` to judge
+        else:
+            try:
+                os.unlink(journal.path)
+            except OSError:
+                pass
 
 
 def _load_backend(backends: Any, name: str, spec: str, path: list[str]) -> None:

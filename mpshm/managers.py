@@ -369,7 +369,7 @@ class SharedMemoryManager(BaseManager):
 
     * every segment is destroyed at shutdown even if a client unlinked some;
       and also when the starting process or the server process is killed
-      (see the module documentation);
+      (see :mod:`mpshm.managers`);
     * :meth:`release` destroys one segment now, :meth:`segments` lists them;
     * *max_bytes* bounds the total held: asking for more raises
       :class:`ManagerLimitError` (a MemoryError).

@@ -678,7 +678,7 @@ class _JobCache(multiprocessing.pool._PoolCache):  # type: ignore[name-defined,m
 
 class Pool(multiprocessing.pool.Pool):
     """:class:`multiprocessing.pool.Pool` whose task arguments and results
-    travel through shared memory (see the module docstring).
+    travel through shared memory (see :mod:`mpshm.pool`).
 
     Same signature as the standard library's, plus keyword-only *backend*
     (where shared buffers live) and *share_threshold* (the size in bytes from
@@ -732,7 +732,7 @@ class Pool(multiprocessing.pool.Pool):
 
 class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
     """:class:`concurrent.futures.ProcessPoolExecutor` whose task arguments
-    and results travel through shared memory (see the module docstring).
+    and results travel through shared memory (see :mod:`mpshm.pool`).
 
     Same signature as the standard library's, plus keyword-only *backend*
     and *share_threshold* (as for :class:`Pool`). *mp_context* may be a

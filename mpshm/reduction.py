@@ -102,8 +102,16 @@ def machine() -> tuple[str, str]:
 
 def check_machine(made_on: Optional[tuple[str, str]], name: str) -> None:
     """Raise :class:`HandleError` if a handle of segment *name* was made elsewhere."""
-    if made_on is None or tuple(made_on) == _MACHINE:
+    if made_on is None or made_on == _MACHINE or (
+        isinstance(made_on, (tuple, list)) and tuple(made_on) == _MACHINE
+    ):
         return
+    if not (isinstance(made_on, (tuple, list)) and len(made_on) == 2
+            and all(isinstance(part, str) for part in made_on)):
+        raise HandleError(
+            f"invalid shared memory handle of {name!r}: its machine is {made_on!r}, "
+            "not (host name, boot id)"
+        )
     there, here = made_on[0], _MACHINE[0]
     if there == here:
         there, here = f"{there} (boot {made_on[1]})", f"{here} (boot {_MACHINE[1]})"
@@ -398,6 +406,11 @@ def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
     """Unpickle an array handle: a zero-copy view of the segment."""
     from .numpy import SharedArray
 
+    if not (isinstance(handle.offset, int) and 0 <= handle.offset <= handle.size):
+        raise HandleError(
+            f"invalid array handle: offset {handle.offset!r} is not within the "
+            f"{handle.size!r} bytes of segment {handle.name!r}"
+        )
     owner = attach_owner(
         handle.backend, handle.ident, handle.name, handle.size, handle.machine,
         shareable=not handle.given,
@@ -751,6 +764,16 @@ def discard(made: list[Segment], registry: Any) -> None:
 
 def _take(descriptor: _Descriptor) -> memoryview:
     """Map an out-of-band buffer; take ownership of it if it is given."""
+    offset, nbytes, size = descriptor.offset, descriptor.nbytes, descriptor.size
+    if not (
+        isinstance(offset, int) and isinstance(nbytes, int) and isinstance(size, int)
+        and 0 <= offset <= offset + nbytes <= size
+    ):
+        # Slicing would silently clamp (or count from the end): refuse instead.
+        raise HandleError(
+            f"invalid shared memory handle: {nbytes!r} bytes at offset {offset!r} do not "
+            f"lie within the {size!r} bytes of segment {descriptor.name!r}"
+        )
     owner = attach_owner(
         descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
         descriptor.machine, shareable=descriptor.kind == "ref",

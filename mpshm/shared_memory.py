@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import errno
 import operator
+import os
 import struct
+import sys
 import types
+import warnings
 from typing import (
     Any,
     Callable,
@@ -27,7 +30,7 @@ from typing import (
 from . import backends, reduction, tracking
 from .backends import Attachment, Backend
 
-__all__ = ["ShareableList", "SharedMemory"]
+__all__ = ["OwnershipWarning", "ShareableList", "SharedMemory"]
 
 _T = TypeVar("_T", bound="SharedMemory")
 _R = TypeVar("_R")
@@ -46,7 +49,52 @@ def _check_size(size: Any, nonzero: bool = False) -> int:
         raise ValueError("'size' must be a positive integer")
     if nonzero and value == 0:
         raise ValueError("'size' must be a positive number different from zero")
+    if nonzero and value > sys.maxsize:
+        raise ValueError(
+            f"'size' is too large: {value} bytes cannot be mapped into this process "
+            f"(at most {sys.maxsize})"
+        )
     return value
+
+
+class OwnershipWarning(RuntimeWarning):
+    """An attached segment is not owned by this user with mode 0600, as mpshm
+    creates segments (see ``owner_check=`` of :class:`SharedMemory`)."""
+
+
+_OWNER_CHECKS = ("warn", "error", "ignore")
+
+
+def _owner_check(value: Any) -> str:
+    if not (isinstance(value, str) and value in _OWNER_CHECKS):
+        raise ValueError(f"owner_check must be 'warn', 'error' or 'ignore', not {value!r}")
+    return value
+
+
+def _check_owner(attachment: Attachment, name: str, policy: str) -> None:
+    """Apply *policy* (see ``owner_check=``) to an attached segment; on
+    ``"error"``, close *attachment* and raise PermissionError."""
+    uid, mode = attachment.uid, attachment.mode
+    if policy == "ignore" or uid is None or mode is None:
+        return
+    me = os.geteuid()
+    if uid == me and not mode & 0o077:
+        return
+    if uid != me:
+        risk = "another user owns it"
+    elif mode & 0o022:
+        risk = "other users can change it"
+    else:
+        risk = "other users can read it"
+    message = (
+        f"The shared memory segment is owned by uid {uid} with mode {mode:04o}, not by "
+        f"you (uid {me}) with mode 0600 as mpshm creates segments: {risk}. "
+        "Pass owner_check='ignore' to accept such a segment"
+    )
+    if policy == "error":
+        attachment.close()
+        raise PermissionError(errno.EACCES, message, name)
+    warnings.warn(f"{message}: {name!r}", OwnershipWarning, stacklevel=3)
 
 
 class SharedMemory:
@@ -71,6 +119,21 @@ class SharedMemory:
       ``track`` says, at exit or otherwise. (The standard library destroys a
       segment when a process that merely attached to it exits, CPython
       gh-82300; since 3.13 only unless that process passed ``track=False``.)
+
+    Who may use a segment: mpshm creates every segment owned by its creator
+    with mode ``0600``. Attaching (by name, or by unpickling a handle)
+    checks the segment's owner and mode, as the attach found them, against
+    that; a segment of another user, or one that group or others may read
+    or write, is reported according to ``owner_check=``:
+
+    * ``"warn"`` (the default): an :class:`OwnershipWarning` (a
+      RuntimeWarning) naming the owner, the mode and what was expected; the
+      attach goes on. Unpickled handles always warn.
+    * ``"error"``: PermissionError naming the same, and nothing is attached.
+    * ``"ignore"``: no check (for segments shared between users on purpose,
+      or data files of mode 0644 mapped with the ``mmap`` backend).
+
+    Creating ignores ``owner_check``.
 
     Differences from the standard library, all fixes:
 
@@ -108,18 +171,29 @@ class SharedMemory:
         *,
         track: bool = True,
         backend: Optional[str] = None,
+        owner_check: str = "warn",
         **options: Any,
     ) -> None:
         size = _check_size(size, nonzero=create)
         if name is None and not create:
             raise ValueError("'name' can only be None if create=True")
+        policy = _owner_check(owner_check)
         chosen, ident = backends.resolve(name, backend, options)
         self._backend = chosen
         self._track = bool(track)
         if not create:
             assert ident is not None
             attachment = chosen.attach(ident, options)
+            _check_owner(attachment, name or ident, policy)
         elif ident is not None:
+            if track:
+                # A user's name is registered once created (it may be taken);
+                # a tracker started first keeps a kill in between from leaking
+                # it for the whole time a tracker takes to start.
+                try:
+                    tracking.ensure_running()
+                except Exception:  # register() below warns that it cannot track
+                    pass
             attachment = chosen.create(ident, size, options)
             if track:
                 tracking.register(chosen, ident, attachment.identity)
@@ -158,6 +232,12 @@ class SharedMemory:
     @classmethod
     def _from_handle(cls: type[_T], backend: str, ident: str, name: str, size: int) -> _T:
         chosen = backends.get(backend)
+        if not isinstance(ident, str) or chosen.parse(ident, {}) != ident:
+            # Handles carry canonical identifiers: this one was forged or damaged.
+            raise reduction.HandleError(
+                f"invalid shared memory handle: {ident!r} is not a canonical identifier of "
+                f"the {backend} backend"
+            )
         self = cls.__new__(cls)
         try:
             attachment = chosen.attach(ident, {})
@@ -175,6 +255,7 @@ class SharedMemory:
                 f"the shared memory segment {name!r} has {attachment.size} bytes but the "
                 f"pickled handle says {size}: the name now refers to another segment"
             )
+        _check_owner(attachment, name, "warn")
         self._track = False
         self._adopt(chosen, ident, name, attachment)
         return self
@@ -343,6 +424,14 @@ class _UnsupportedType(TypeError, KeyError):
         return str(self.args[0])
 
 
+class _IntOutOfRange(struct.error, OverflowError):
+    """Raised for an int outside 64 bits (also a struct.error, as in the
+    standard library, which finds out only once the segment exists)."""
+
+
+_INT_MIN, _INT_MAX = -(2**63), 2**63 - 1
+
+
 def _string_format(encoded: bytes, slot: int, what: str) -> str:
     """The packing format of a str/bytes value stored in a slot of *slot* bytes.
 
@@ -437,6 +526,11 @@ class ShareableList:
                 f"ShareableList cannot store a value of type {type(value).__name__}: "
                 "supported types are int, float, bool, str, bytes and None"
             )
+        if type(value) is int and not _INT_MIN <= value <= _INT_MAX:
+            raise _IntOutOfRange(
+                f"ShareableList cannot store the int {value}: it holds 64-bit signed "
+                f"integers ({_INT_MIN} to {_INT_MAX})"
+            )
         return value.encode(_encoding) if isinstance(value, str) else value
 
     @classmethod
@@ -490,6 +584,18 @@ class ShareableList:
             offset += slot
             self._allocated_offsets.append(offset)
         self.shm = make(8 * (self._list_len + 2) + offset + 8 * self._list_len + self._list_len)
+        try:
+            self._lay_out(formats, packed, items)
+        except BaseException:
+            self.shm.close()  # a list nobody can read: gone at once, not at exit
+            try:
+                self.shm.unlink()
+            except FileNotFoundError:
+                pass
+            raise
+
+    def _lay_out(self, formats: list[str], packed: list[Any], items: list[Any]) -> None:
+        """Write the header and *items* (packed as *packed* with *formats*)."""
         buf = self.shm.buf
         struct.pack_into(
             "q" + self._format_size_metainfo, buf, 0, self._list_len, *self._allocated_offsets
@@ -605,8 +711,9 @@ class ShareableList:
         packed = self._packed(value)
         fmt = self._format_for(value, packed, slot, f"item {position}")
         offset = self._offset_data_start + self._allocated_offsets[position]
-        self._set_packing_format_and_transform(position, fmt, value)
+        # The value first: if it cannot be written, the slot keeps its old one.
         struct.pack_into(fmt, self.shm.buf, offset, packed)
+        self._set_packing_format_and_transform(position, fmt, value)
 
     def __len__(self) -> int:
         return int(struct.unpack_from("q", self.shm.buf, 0)[0])

@@ -25,6 +25,14 @@ A :class:`Scope` registers segments on a connection of its own instead: the
 tracker destroys those as soon as that connection closes, which is how a
 manager's server makes its segments die with it.
 
+The tracker also journals what it holds to a file of its own (see
+:mod:`mpshm._journal`), and removes the file once it has cleaned up. If the
+tracker is killed together with its program (``kill -9 -1``, a container
+stopped, the OOM killer), nothing is left to destroy the program's tracked
+segments; the journal it leaves behind lets ``mpshm gc`` find and destroy
+them, once no living process maps them. ``mpshm list`` shows, for each
+segment, whether a tracker holds it and whether that tracker is alive.
+
 Nothing here touches ``multiprocessing``'s resource tracker. Processes that
 only attach never register anything, so they never destroy a segment
 (CPython gh-82300). Before destroying, the tracker checks that the name

@@ -13,6 +13,17 @@ import mpshm
 pytest_plugins = ["leakcheck"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # The reliability groups of issue 7 (tests/test_stress.py, test_limits.py,
+    # test_faults.py): part of the normal run; select them with -m.
+    config.addinivalue_line(
+        "markers", "stress: many processes at once, every byte checked (MPSHM_STRESS_SCALE)"
+    )
+    config.addinivalue_line(
+        "markers", "faults: SIGKILL at random moments, storage removed or full"
+    )
+
+
 # --------------------------------------------------------------------------
 # Fixtures
 

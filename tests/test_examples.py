@@ -6,7 +6,8 @@ stderr, and every segment name it printed must be gone when it returns
 unlink what they create). A new example is picked up automatically; it
 must print the names of the segments it creates. Examples that take a
 ``--backend`` option (listed in BACKEND_EXAMPLES) also run on the other
-built-in backends.
+built-in backends. The C example (c_interop.py) builds examples/c_reader/reader.c
+with the system compiler: a machine without one fails, it does not skip.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -45,6 +47,14 @@ def printed_names(output: str) -> set[str]:
 
 def test_examples_found() -> None:
     assert EXAMPLES, "no examples/*.py found"
+
+
+def test_c_example_runs_here() -> None:
+    """c_interop.py is among the examples run, and this machine can build its C reader."""
+    assert os.path.join(ROOT, "examples", "c_interop.py") in EXAMPLES
+    assert os.path.isfile(os.path.join(ROOT, "examples", "c_reader", "reader.c"))
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    assert compiler, "no C compiler (cc or gcc): examples/c_interop.py needs one"
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])

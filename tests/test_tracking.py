@@ -387,12 +387,14 @@ def _message(op, ident, identity=None, extra=None):
     return _protocol.Decoder().feed(_protocol.encode(op, "posix", ident, identity, extra))
 
 
-def test_tracker_bookkeeping_of_scopes_joins_and_late_messages():
+def test_tracker_bookkeeping_of_scopes_joins_and_late_messages(tmp_path, monkeypatch):
     """The tracker's rules, message by message (messages of different
-    connections may be read in any order)."""
+    connections may be read in any order), and its journal says the same."""
     import socket
 
-    from mpshm import _tracker
+    from mpshm import _journal, _tracker
+
+    monkeypatch.setenv("MPSHM_STATE_DIR", str(tmp_path))
 
     pairs = [socket.socketpair() for _ in range(3)]
     owner, worker, parent = (a for a, _ in pairs)
@@ -413,19 +415,28 @@ def test_tracker_bookkeeping_of_scopes_joins_and_late_messages():
         tracker.handle(_message("reg", "mine"), parent)  # ...and made again: tracked
         assert set(tracker.entries) == {("posix", "early"), ("posix", "kept"),
                                         ("posix", "mine")}
+        tracker.journal.flush(tracker.entries)
+        journal = _journal.read(tracker.journal.path)
+        assert journal is not None and set(journal.entries) == set(tracker.entries)
+        assert journal.entries[("posix", "mine")]["pid"] == os.getpid()
+        assert journal.header["starter"] == os.getpid()  # who made the socket pair
         tracker.closed(worker)  # a worker's end destroys nothing of the scope's
         assert destroyed == []
         tracker.closed(owner)  # the scope's end destroys what it owns
         assert sorted(destroyed) == ["early", "kept"]
         assert set(tracker.entries) == {("posix", "mine")} and not tracker.scopes
+        tracker.journal.flush(tracker.entries)
+        journal = _journal.read(tracker.journal.path)
+        assert journal is not None and set(journal.entries) == {("posix", "mine")}
     finally:
+        tracker.journal.close(remove=True)
         for a, b in pairs:
             a.close()
             b.close()
         listener.close()
 
 
-def test_tracker_reads_what_came_before_a_scope_ended():
+def test_tracker_reads_what_came_before_a_scope_ended(tmp_path, monkeypatch):
     """A worker's join for a scope, sent on a connection not even accepted
     yet, is read before the scope's end is applied (else the segment would
     outlive the scope)."""
@@ -434,6 +445,7 @@ def test_tracker_reads_what_came_before_a_scope_ended():
 
     from mpshm import _protocol, _tracker
 
+    monkeypatch.setenv("MPSHM_STATE_DIR", str(tmp_path))
     owner_end, owner = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     listener.bind(f"\0mpshm-test-{os.urandom(8).hex()}")
@@ -456,6 +468,7 @@ def test_tracker_reads_what_came_before_a_scope_ended():
             tracker._settle(selector)
             assert destroyed == ["result"] and not tracker.ended
         finally:
+            tracker.journal.close(remove=True)
             worker.close()
             listener.close()
             for conn in list(tracker.conns):

@@ -111,6 +111,89 @@ def release_view(buf: memoryview) -> bool:
     return True
 
 
+_MAP_FIXED = 0x10  # Linux (all architectures)
+_MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17+
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+#: Placeholders left in doubt by a failed map (see :func:`map_shared`): kept
+#: alive for good, so that they never unmap what may be someone else's.
+_stranded: list[mmap.mmap] = []
+
+
+class _LibcMmap:
+    """libc's ``mmap`` through ctypes (64-bit Linux: off_t is 64 bits there)."""
+
+    def __init__(self) -> None:
+        import ctypes
+
+        self._ctypes = ctypes
+        function = ctypes.CDLL(None, use_errno=True).mmap
+        function.restype = ctypes.c_void_p
+        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                             ctypes.c_int, ctypes.c_int64]
+        self.call: Callable[..., Optional[int]] = function
+
+    def address(self, mm: mmap.mmap) -> int:
+        """Where *mm* is mapped."""
+        ctypes = self._ctypes
+        return int(ctypes.addressof(ctypes.c_char.from_buffer(mm)))  # no export kept
+
+    def errno(self) -> int:
+        """errno of this thread's last call."""
+        return int(self._ctypes.get_errno())
+
+
+def _libc_mmap() -> Optional[_LibcMmap]:
+    """What :func:`map_shared` maps with before Python 3.13 (64-bit Linux), else None."""
+    if not sys.platform.startswith("linux") or sys.maxsize < 2**32 or sys.version_info >= (3, 13):
+        return None
+    try:
+        return _LibcMmap()
+    except (ImportError, OSError, AttributeError):  # pragma: no cover
+        return None
+
+
+_libc = _libc_mmap()
+
+
+def map_shared(fd: int, size: int) -> mmap.mmap:
+    """A shared, writable :class:`mmap.mmap` of the first *size* bytes of *fd*
+    that keeps no file descriptor open.
+
+    CPython's mmap keeps a duplicate of the descriptor for as long as the
+    mapping lives: one descriptor per live segment, so a few thousand
+    segments would exhaust ``RLIMIT_NOFILE``. Python 3.13 can be told not to
+    (``trackfd=False``). Before that, on 64-bit Linux, mmap makes an
+    anonymous mapping of the same size (no descriptor), and the file is
+    mapped over it in place (``MAP_FIXED``): the mmap object owns the result
+    and unmaps it as usual. Elsewhere, or if the placeholder cannot be made,
+    the plain mapping (which keeps a descriptor).
+    """
+    if sys.version_info >= (3, 13):
+        return mmap.mmap(fd, size, trackfd=False)
+    libc = _libc
+    if libc is None:
+        return mmap.mmap(fd, size)
+    try:
+        # Never touched, so it costs address space only (and no commit charge).
+        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
+    except OSError:
+        return mmap.mmap(fd, size)
+    address = libc.address(mm)
+    if libc.call(address, size, _PROT_RW, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) == address:
+        return mm
+    error = libc.errno()
+    # Kernels before 6.12 may have unmapped the placeholder before failing:
+    # take the range back, unless something else took it meanwhile. If in
+    # doubt (it is still there, or is someone else's), leave it mapped.
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE
+    if libc.call(address, size, _PROT_RW, flags, -1, 0) == address:
+        mm.close()
+    else:
+        _stranded.append(mm)
+    raise OSError(error, os.strerror(error))
+
+
 class Attachment(abc.ABC):
     """A segment mapped into this process.
 
@@ -126,6 +209,11 @@ class Attachment(abc.ABC):
     buf: Optional[memoryview]
     #: Identity of the storage object (see :meth:`Backend.identity`), if known.
     identity: Optional[str] = None
+    #: Owner (numeric user id) and permission bits of the storage object, as
+    #: an attach found them (None: not known, or created by this process).
+    #: :class:`~mpshm.SharedMemory` checks them (its ``owner_check=``).
+    uid: Optional[int] = None
+    mode: Optional[int] = None
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -135,11 +223,17 @@ class Attachment(abc.ABC):
 class MmapAttachment(Attachment):
     """An attachment backed by an :class:`mmap.mmap` of a file descriptor."""
 
-    def __init__(self, fd: int, size: int, identity: Optional[str] = None) -> None:
-        self._mmap: Optional[mmap.mmap] = mmap.mmap(fd, size)
+    def __init__(
+        self, fd: int, size: int, identity: Optional[str] = None,
+        st: Optional[os.stat_result] = None,
+    ) -> None:
+        self._mmap: Optional[mmap.mmap] = map_shared(fd, size)
         self.size = size
         self.buf = memoryview(self._mmap)
         self.identity = identity
+        if st is not None:  # what an attach's fstat found
+            self.uid = st.st_uid
+            self.mode = stat.S_IMODE(st.st_mode)
 
     def close(self) -> None:
         buf, self.buf = self.buf, None

@@ -116,6 +116,13 @@ class MmapBackend(Backend):
         self.check_options(options)
         if "\0" in ident:
             raise ValueError(f"invalid mmap name {ident!r}: it contains a NUL character")
+        try:
+            os.fsencode(ident)
+        except UnicodeEncodeError:
+            raise ValueError(
+                f"invalid mmap name {ident!r}: it contains a lone surrogate that no file "
+                "name can hold"
+            ) from None
         if ident.startswith("/"):
             return os.path.normpath(ident)
         problem = None
@@ -203,7 +210,7 @@ class MmapBackend(Backend):
                 raise ValueError(f"{self.qualified(ident)!r} is not a regular file")
             if st.st_size == 0:
                 raise ValueError(f"the file {ident!r} is empty (size 0): there is nothing to map")
-            return MmapAttachment(fd, st.st_size, f"{st.st_dev}:{st.st_ino}")
+            return MmapAttachment(fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st)
         finally:
             os.close(fd)
 

@@ -60,6 +60,26 @@ def _space_error(
     return no_space(storage, size, free, remedy)
 
 
+#: From this size on, a new segment's size is checked against the free space
+#: first (one statvfs): one that cannot fit then fails at once, instead of
+#: filling the storage on its way to ENOSPC and failing others meanwhile.
+CHECK_FREE_FROM = 1 << 20
+
+
+def check_free(size: int, storage: str, where: Optional[str], remedy: str) -> None:
+    """Raise the ENOSPC error of :func:`no_space` if *where* has less than
+    *size* bytes free (for sizes of :data:`CHECK_FREE_FROM` or more)."""
+    if size < CHECK_FREE_FROM or where is None:
+        return
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return
+    free = st.f_bavail * st.f_frsize
+    if st.f_blocks and size > free:  # (a filesystem reporting no blocks at all: unknown)
+        raise no_space(storage, size, free, remedy)
+
+
 def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
     """Size *fd* to *size* bytes and allocate them now, so a later write cannot SIGBUS.
 
@@ -67,6 +87,7 @@ def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str)
     or cannot hold a file that large. Filesystems that cannot preallocate are
     only sized.
     """
+    check_free(size, storage, where, remedy)
     try:
         os.ftruncate(fd, size)
         if hasattr(os, "posix_fallocate"):  # not on macOS: nothing to reserve with
@@ -93,6 +114,7 @@ def write_all(fd: int, data: memoryview, storage: str, where: Optional[str],
     """
     size = data.nbytes
     offset = 0
+    check_free(size, storage, where, remedy)
     try:
         os.ftruncate(fd, size)
         while offset < size:
@@ -105,6 +127,28 @@ def write_all(fd: int, data: memoryview, storage: str, where: Optional[str],
             # What this write took is given back when the caller removes the file.
             raise _space_error(size, storage, where, remedy, offset) from None
         raise
+
+
+def _encodable(ident: str) -> bool:
+    """Whether *ident* is UTF-8 text, as posix_ipc needs (it crashes on a lone
+    surrogate, and leaks an object whose name it cannot decode)."""
+    try:
+        ident.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _path(ident: str) -> str:
+    """posix_ipc's name for *ident*, which must be a canonical identifier.
+
+    Checked here too, not only by :meth:`PosixBackend.parse`: posix_ipc
+    crashes the interpreter on a NUL byte or a lone surrogate, and other
+    callers (a forged handle, a tracker message) skip parsing.
+    """
+    if "\0" in ident or "/" in ident or not _encodable(ident):
+        raise ValueError(f"invalid POSIX shared memory name {ident!r}")
+    return "/" + ident
 
 
 class PosixBackend(Backend):
@@ -122,6 +166,8 @@ class PosixBackend(Backend):
             problem = "it is empty"
         elif "\0" in canonical:
             problem = "it contains a NUL character"
+        elif not _encodable(canonical):
+            problem = "it contains a lone surrogate, which is not UTF-8 text"
         elif "/" in canonical:
             problem = "it contains '/' after the first character"
         elif canonical in (".", ".."):
@@ -145,7 +191,7 @@ class PosixBackend(Backend):
     def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
         """``shm_open`` through posix_ipc, with the standard library's exceptions."""
         try:
-            return posix_ipc.SharedMemory("/" + ident, flags, mode=0o600, read_only=read_only)
+            return posix_ipc.SharedMemory(_path(ident), flags, mode=0o600, read_only=read_only)
         except posix_ipc.ExistentialError:
             if flags & posix_ipc.O_CREAT:
                 raise FileExistsError(
@@ -203,13 +249,13 @@ class PosixBackend(Backend):
                     "nothing to map (was it created by something other than mpshm "
                     "or the standard library, and not sized yet?)"
                 )
-            return MmapAttachment(shm.fd, st.st_size, f"{st.st_dev}:{st.st_ino}")
+            return MmapAttachment(shm.fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st)
         finally:
             shm.close_fd()
 
     def unlink(self, ident: str) -> None:
         try:
-            posix_ipc.unlink_shared_memory("/" + ident)
+            posix_ipc.unlink_shared_memory(_path(ident))
         except posix_ipc.ExistentialError:
             raise FileNotFoundError(
                 errno.ENOENT, "No such POSIX shared memory segment", ident

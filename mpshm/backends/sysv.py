@@ -184,6 +184,8 @@ class SysVBackend(Backend):
         return no_space(f"{self.storage} ({limits}; {refusal})", size, free, _REMEDY)
 
     def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        if not 0 < size <= sys.maxsize:  # sysv_ipc would wrap it modulo 2**64
+            raise ValueError(f"invalid System V segment size {size}")
         key = _signed(key_for(ident))
         try:
             # Read-only so that sysv_ipc does not fill the segment with spaces.
@@ -242,7 +244,13 @@ class SysVBackend(Backend):
         )
 
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
-        return SysVAttachment(self._open(ident, writable=True))
+        segment = self._open(ident, writable=True)
+        attachment = SysVAttachment(segment)
+        # Two more IPC_STATs (sysv_ipc reads one field per call): the owner
+        # check needs the segment's owner and mode, which shmget does not give.
+        attachment.uid = segment.uid
+        attachment.mode = segment.mode & 0o777
+        return attachment
 
     def unlink(self, ident: str) -> None:
         segment = self._open(ident, writable=False)
