@@ -97,8 +97,10 @@ class Writer:
         self.path = os.path.join(
             directory, f"tracker-{os.getpid()}-{secrets.token_hex(4)}.log"
         )
-        from .backends.mmapfile import check_dir
-
+        try:
+            from .backends.mmapfile import check_dir
+        except Exception:  # a broken install: no journal, the tracker goes on
+            return
         for _ in range(3):  # another tracker may remove the empty directory meanwhile
             try:
                 check_dir(directory, create=True)

@@ -151,7 +151,7 @@ class Tracker:
             elif op in ("reg", "own", "join"):
                 msg["t"] = time.time()
                 self.entries[key] = msg
-                self.journal.put(key, msg)
+                self._journal_put(key, msg)
                 owner = conn if op == "own" else None
                 if op == "join":  # owned by the scope it names, while that is open
                     owner = self.scopes.get(str(msg.get("s")))
@@ -173,6 +173,26 @@ class Tracker:
                     self.gone[key] = None
                     if len(self.gone) > _GONE:
                         self.gone.popitem(last=False)
+
+    def _journal_put(self, key: tuple[str, str], msg: dict[str, Any]) -> None:
+        """Journal a registration with the storage object's identity, so that
+        ``mpshm gc`` can tell it from a later object of the same name. Backends
+        with random names send none (they need none to be destroyed safely):
+        it is looked up here, off the creating process's path. A segment
+        already gone is not journaled (a later one of its name is not ours)."""
+        if msg.get("id") is None and not msg.get("m"):
+            from . import backends
+
+            try:
+                backend = backends.get(key[0])
+                if backend.unique_names:
+                    identity = backend.identity(key[1])
+                    if identity is None:
+                        return
+                    msg = {**msg, "id": identity}
+            except Exception:
+                pass
+        self.journal.put(key, msg)
 
     def closed(self, conn: socket.socket) -> None:
         """*conn* ended: destroy what it owns (registered with "own", or

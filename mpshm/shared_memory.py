@@ -196,7 +196,15 @@ class SharedMemory:
                     pass
             attachment = chosen.create(ident, size, options)
             if track:
-                tracking.register(chosen, ident, attachment.identity)
+                try:
+                    tracking.register(chosen, ident, attachment.identity)
+                except BaseException:  # never leave a segment nobody knows of
+                    attachment.close()
+                    try:
+                        chosen.unlink(ident)
+                    except OSError:
+                        pass
+                    raise
         else:
             registry = tracking if track else None
             attachment, ident = _create_generated(chosen, size, options, registry)

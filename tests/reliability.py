@@ -250,8 +250,8 @@ def _payload_size(rng: random.Random) -> int:
     if roll < 0.55:
         return rng.randint(0, 4 * KiB)
     if roll < 0.9:
-        return rng.randint(8 * KiB, 128 * KiB)
-    return rng.randint(256 * KiB, MiB)
+        return rng.randint(8 * KiB, 64 * KiB)
+    return rng.randint(128 * KiB, 640 * KiB)
 
 
 def _wrap(data: bytes, kind: int) -> Any:

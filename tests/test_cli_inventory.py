@@ -382,3 +382,47 @@ def test_an_unusable_state_directory_never_stops_tracking(tmp_path):
     assert result.returncode == 0 and result.stderr == ""
     name = result.stdout.strip()
     wait_until(lambda: not exists(name), 10)  # the tracker still destroyed it
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait(TIMEOUT)
+    return proc.pid
+
+
+@pytest.mark.parametrize("same_object", [True, False])
+def test_a_journal_claims_only_the_object_it_recorded(state, same_object):
+    """A dead tracker's journal names a user-chosen name; if that name was
+    unlinked and made again since, the new object is not the dead program's,
+    and gc leaves it alone."""
+    from mpshm.backends import get
+
+    name = unique("reused")
+    old = mpshm.SharedMemory(name, create=True, size=4096, track=False)
+    recorded = get("posix").identity(name)
+    old.close()
+    if not same_object:
+        old.unlink()
+        mpshm.SharedMemory(name, create=True, size=4096, track=False).close()
+    try:
+        dead = _dead_pid()
+        os.makedirs(state, mode=0o700)
+        with open(os.path.join(state, f"tracker-{dead}-test.log"), "w") as f:
+            f.write(json.dumps({"journal": 1, "pid": dead, "t": time.time() - 60,
+                                "address": unique("addr"), "starter": dead}) + "\n")
+            f.write(json.dumps({"put": ["posix", name], "op": "reg", "id": recorded,
+                                "pid": dead, "t": time.time() - 59}) + "\n")
+        row = listed(state, "--all", "--backend", "posix")[name]
+        assert row["tracked"] is same_object
+        verdict = gc_json(state, "--dry-run")
+        if same_object:
+            assert verdict[name]["action"] == "destroy"
+            assert gc_json(state)[name]["destroyed"] is True
+            assert not exists(name)
+            assert not os.path.exists(state)  # the emptied journal went, then its directory
+        else:
+            assert name not in verdict  # a user's own name, untracked: not mpshm's
+            assert exists(name)
+    finally:
+        if exists(name):
+            mpshm.SharedMemory(name).unlink()

@@ -58,16 +58,20 @@ def test_a_mapping_keeps_no_file_descriptor(backend, make_shm, tmp_path):
     before = _fds()
     made = [make_shm(size=4096 * (i + 1), **options) for i in range(40)]
     attached = [mpshm.SharedMemory(shm.name) for shm in made]
-    assert _fds() == before
+    # CPython's own mmap would hold 80 more here. (Not "==": other tests'
+    # leftovers may be closed by the garbage collector meanwhile.)
+    assert _fds() < before + 5
     for shm in attached:
         shm.buf[0] = 1
         shm.close()
     assert all(shm.buf[0] == 1 for shm in made) and first.buf[0] == 0
 
 
-def test_a_failed_mapping_leaves_nothing_mapped():
-    """A descriptor that cannot be mapped (a pipe) fails like CPython's mmap
-    does, and the placeholder mapping is not left behind."""
+def test_a_failed_mapping_fails_like_cpythons():
+    """A descriptor that cannot be mapped (a pipe) fails as CPython's mmap
+    does; the placeholder is unmapped, or (when it cannot be told from a
+    mapping someone else made meanwhile) left mapped, never unmapped under
+    anyone; mapping goes on working."""
     read_fd, write_fd = os.pipe()
     try:
         with pytest.raises(OSError) as plain:
@@ -76,8 +80,12 @@ def test_a_failed_mapping_leaves_nothing_mapped():
         with pytest.raises(OSError) as ours:
             _base.map_shared(read_fd, 4096)
         assert ours.value.errno == plain.value.errno
-        assert len(_base._stranded) == stranded
+        assert len(_base._stranded) <= stranded + 1
     finally:
         os.close(read_fd)
         os.close(write_fd)
-
+    shm = mpshm.SharedMemory(create=True, size=4096)
+    shm.buf[:3] = b"abc"
+    assert bytes(shm.buf[:3]) == b"abc"
+    shm.close()
+    shm.unlink()

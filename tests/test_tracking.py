@@ -389,10 +389,10 @@ def _message(op, ident, identity=None, extra=None):
 
 def test_tracker_bookkeeping_of_scopes_joins_and_late_messages(tmp_path, monkeypatch):
     """The tracker's rules, message by message (messages of different
-    connections may be read in any order), and its journal says the same."""
+    connections may be read in any order)."""
     import socket
 
-    from mpshm import _journal, _tracker
+    from mpshm import _tracker
 
     monkeypatch.setenv("MPSHM_STATE_DIR", str(tmp_path))
 
@@ -415,25 +415,60 @@ def test_tracker_bookkeeping_of_scopes_joins_and_late_messages(tmp_path, monkeyp
         tracker.handle(_message("reg", "mine"), parent)  # ...and made again: tracked
         assert set(tracker.entries) == {("posix", "early"), ("posix", "kept"),
                                         ("posix", "mine")}
-        tracker.journal.flush(tracker.entries)
-        journal = _journal.read(tracker.journal.path)
-        assert journal is not None and set(journal.entries) == set(tracker.entries)
-        assert journal.entries[("posix", "mine")]["pid"] == os.getpid()
-        assert journal.header["starter"] == os.getpid()  # who made the socket pair
         tracker.closed(worker)  # a worker's end destroys nothing of the scope's
         assert destroyed == []
         tracker.closed(owner)  # the scope's end destroys what it owns
         assert sorted(destroyed) == ["early", "kept"]
         assert set(tracker.entries) == {("posix", "mine")} and not tracker.scopes
-        tracker.journal.flush(tracker.entries)
-        journal = _journal.read(tracker.journal.path)
-        assert journal is not None and set(journal.entries) == {("posix", "mine")}
     finally:
         tracker.journal.close(remove=True)
         for a, b in pairs:
             a.close()
             b.close()
         listener.close()
+
+
+def test_tracker_journals_existing_segments_with_their_identity(tmp_path, monkeypatch):
+    """The journal (read by ``mpshm gc``) holds what the tracker holds, with
+    the storage identity and the registering pid; a segment already gone when
+    its registration is read is not journaled (a later one of its name is not
+    the program's)."""
+    import socket
+
+    from mpshm import _journal, _protocol, _tracker
+    from mpshm.backends import get
+
+    monkeypatch.setenv("MPSHM_STATE_DIR", str(tmp_path))
+    owner, peer = socket.socketpair()
+    listener = socket.socket(socket.AF_UNIX)
+    tracker = _tracker.Tracker(owner, listener, None)
+    real = mpshm.SharedMemory(create=True, size=4096, track=False)
+    gone = unique("psm")
+    try:
+        for ident in (real.name, gone):
+            tracker.handle(_protocol.Decoder().feed(
+                _protocol.encode("reg", "posix", ident, None)), owner)
+        tracker.journal.flush(tracker.entries)
+        journal = _journal.read(tracker.journal.path)
+        assert journal is not None
+        assert journal.header["pid"] == os.getpid()
+        assert journal.header["starter"] == os.getpid()  # who made the socket pair
+        assert set(journal.entries) == {("posix", real.name)}
+        entry = journal.entries[("posix", real.name)]
+        assert entry["id"] == get("posix").identity(real.name)
+        assert entry["pid"] == os.getpid() and entry["op"] == "reg"
+        tracker.handle(_protocol.Decoder().feed(
+            _protocol.encode("unreg", "posix", real.name, None)), owner)
+        tracker.journal.flush(tracker.entries)
+        journal = _journal.read(tracker.journal.path)
+        assert journal is not None and journal.entries == {}
+    finally:
+        tracker.journal.close(remove=True)
+        assert not os.path.exists(tracker.journal.path)
+        real.close()
+        real.unlink()
+        for sock in (owner, peer, listener):
+            sock.close()
 
 
 def test_tracker_reads_what_came_before_a_scope_ended(tmp_path, monkeypatch):

@@ -57,6 +57,14 @@ def key_for(ident: str) -> int:
     return int.from_bytes(digest[:4], "big") or 1
 
 
+def _encodable(ident: str) -> bool:
+    try:
+        ident.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _signed(key: int) -> int:
     return key - 2**32 if key >= 2**31 else key
 
@@ -150,6 +158,8 @@ class SysVBackend(Backend):
             problem = "it is empty"
         elif "\0" in ident:
             problem = "it contains a NUL character"
+        elif not _encodable(ident):  # (the tracker could not be told about it)
+            problem = "it contains a lone surrogate, which is not UTF-8 text"
         elif len(ident.encode("utf-8", "surrogatepass")) > 255:
             problem = "it is longer than 255 bytes"
         if problem:

@@ -239,9 +239,12 @@ def inventory(backend_names: Optional[Sequence[str]] = None) -> list[Segment]:
     chosen = _backends(backend_names)
     journals = _journal.read_all()
     journaled: dict[tuple[str, str], _journal.Journal] = {}
-    for journal in journals:
-        for key in journal.entries:
-            journaled[key] = journal
+    for journal in journals:  # a name in several journals: the latest registration's
+        for key, record in journal.entries.items():
+            other = journaled.get(key)
+            if other is None or (_num(record.get("t")) or 0) >= (
+                    _num(other.entries[key].get("t")) or 0):
+                journaled[key] = journal
     found: dict[tuple[str, str], tuple[Backend, SegmentInfo]] = {}
     for backend in chosen:
         try:
