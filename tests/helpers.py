@@ -26,9 +26,9 @@ def unique(prefix: str = "t") -> str:
 
 
 def exists(name: str) -> bool:
-    """Whether the segment called *name* can be attached."""
+    """Whether the segment called *name* can be attached (whoever owns it)."""
     try:
-        shm = mpshm.SharedMemory(name)
+        shm = mpshm.SharedMemory(name, owner_check="ignore")
     except FileNotFoundError:
         return False
     shm.close()

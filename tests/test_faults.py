@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import re
 import time
 
 import pytest
@@ -31,8 +32,8 @@ from mpshm.backends import sysv
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300 * SCALE)]
 
 SEED = int(os.environ.get("MPSHM_STRESS_SEED") or int.from_bytes(os.urandom(3), "big"))
-TRIALS = 24 * SCALE
-MAX_DELAY = {"create": 0.3, "pickle": 0.3, "map": 0.5, "manager": 0.3}
+TRIALS = 21 * SCALE  # 7 per backend
+MAX_DELAY = {"create": 0.3, "pickle": 0.3, "map": 0.4, "manager": 0.3}
 
 
 @pytest.mark.parametrize("scenario", ["create", "pickle", "map", "manager"])
@@ -49,6 +50,10 @@ def test_sigkill_at_random_moments(scenario):
     assert figures["trials"] == TRIALS
     assert figures["segments_left"] == 0, figures["left"]
     assert figures["left_at_end"] == []
+    # A kill inside sem_open (a multiprocessing lock being made) can leave the
+    # standard library's semaphore file; never anything but that.
+    assert all(re.fullmatch(r"posix-semaphore:sem\.(mp-\w+|\w{6})", entry)
+               for entry in figures["stdlib_semaphores_left"]), figures["stdlib_semaphores_left"]
     assert figures["kills"] >= TRIALS - figures["finished_before_kill"]
     assert figures["finished_before_kill"] < TRIALS // 4  # the kills came mid-work
     assert figures["orphans_seen_after_kills"] > 0  # and the trackers had work to do

@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 import pytest
-from helpers import exists, recreate, unique
+from helpers import exists, recreate, run_script, unique
 
 import mpshm
 from mpshm import backends
@@ -531,7 +531,10 @@ def test_mmap_default_directory(monkeypatch, tmp_path):
 def test_mmap_attaches_an_existing_data_file(tmp_path):
     path = tmp_path / "data.bin"
     path.write_bytes(b"0123456789")
-    shm = mpshm.SharedMemory(f"mmap:{path}")
+    os.chmod(path, 0o644)  # a data file, readable by others: reported unless ignored
+    with pytest.warns(mpshm.shared_memory.OwnershipWarning, match="0644"):
+        mpshm.SharedMemory(f"mmap:{path}").close()
+    shm = mpshm.SharedMemory(f"mmap:{path}", owner_check="ignore")
     try:
         assert shm.size == 10 and bytes(shm.buf) == b"0123456789"
         shm.buf[0:1] = b"X"
@@ -655,3 +658,36 @@ def test_backend_list_sees_segments(make_shm, backend):
     assert shm.name in listed
     info = listed[shm.name]
     assert info.size == 4096 and info.uid == os.getuid() and info.mode == 0o600
+
+
+def test_mmap_backend_works_without_posix_ipc():
+    """Each backend needs only its own library: with posix_ipc missing, the mmap
+    backend works and the posix backend's error names the package to install."""
+    result = run_script(
+        """
+        import sys
+
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "posix_ipc":
+                    raise ImportError("No module named 'posix_ipc'")
+
+        sys.meta_path.insert(0, Block())
+        import mpshm
+        from mpshm import backends
+        print(sorted(backends.available()))
+        shm = mpshm.SharedMemory(create=True, size=100, backend="mmap")
+        shm.buf[:2] = b"ok"
+        other = mpshm.SharedMemory(shm.name)
+        print(bytes(other.buf[:2]).decode())
+        other.close(); shm.close(); shm.unlink()
+        try:
+            mpshm.SharedMemory(create=True, size=100, backend="posix")
+        except ImportError as exc:
+            print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "['mmap', 'sysv']" and lines[1] == "ok"
+    assert "pip install posix_ipc" in lines[2]

@@ -33,7 +33,7 @@ from ._base import (
     random_token,
     sized_stat,
 )
-from .posix import reserve, write_all
+from ._files import reserve, write_all
 
 __all__ = ["MmapBackend", "default_dir"]
 

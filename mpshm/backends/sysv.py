@@ -248,7 +248,14 @@ class SysVBackend(Backend):
                     raise
         else:
             if denied is not None:
-                raise PermissionError(errno.EACCES, str(denied), self.qualified(ident))
+                # sysv_ipc's own text leaves a "%o" unformatted: say it here.
+                access = "read-write" if writable else "read"
+                raise PermissionError(
+                    errno.EACCES,
+                    f"No permission to attach this System V segment {access} (its owner or "
+                    "mode does not allow you; mpshm creates segments 0600, for their owner only)",
+                    self.qualified(ident),
+                )
         raise FileNotFoundError(
             errno.ENOENT, "No such System V shared memory segment", self.qualified(ident)
         )
