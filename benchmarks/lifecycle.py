@@ -27,9 +27,8 @@ import sysv_ipc
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from _timing import median_time
-
 import mpshm
+from mpshm._timing import median_time
 
 SMALL = 4096
 LARGE = 64 << 20

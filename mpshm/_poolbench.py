@@ -63,6 +63,7 @@ import numpy.typing as npt
 
 from . import numpy as shared_numpy
 from . import pool as mpshm_pool
+from ._timing import median_time
 from .cli.bench import DIRECTIONS, MIB, label
 
 __all__ = [
@@ -201,18 +202,6 @@ def _fill(out: Array) -> None:
 
 
 # -- timing ----------------------------------------------------------------------
-
-
-def median_time(fn: Callable[[], Any], number: int, rounds: int) -> float:
-    """Median seconds per call over *rounds* rounds of *number* calls (after one warm-up)."""
-    fn()
-    samples = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for _ in range(number):
-            fn()
-        samples.append((time.perf_counter() - start) / number)
-    return statistics.median(samples)
 
 
 def rounds_for(nbytes: int, repeat: int) -> int:

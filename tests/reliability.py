@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
+from helpers import exists
+
 import mpshm
 from mpshm import reduction
 
@@ -54,16 +56,6 @@ def pattern(seed: str, size: int) -> bytes:
 def report(**figures: Any) -> None:
     """Print the program's figures for the test."""
     print("FIGURES " + json.dumps(figures, sort_keys=True), flush=True)
-
-
-def exists(name: str) -> bool:
-    """Whether segment *name* can be attached (whoever owns it)."""
-    try:
-        shm = mpshm.SharedMemory(name, owner_check="ignore")
-    except FileNotFoundError:
-        return False
-    shm.close()
-    return True
 
 
 # --------------------------------------------------------------------------

@@ -175,8 +175,10 @@ def test_gc_destroys_what_a_killed_program_left_and_nothing_else(state):
                    10, step=0.1)
         # The whole program is killed at once, its tracker with it: mpshm's own
         # cleanup cannot run, and the segments stay.
-        os.killpg(victim.pid, signal.SIGKILL)
+        # The tracker first: killed after the program, it could see the
+        # program's end and clean up before its own SIGKILL lands.
         os.kill(int(tracker), signal.SIGKILL)
+        os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(TIMEOUT)
         time.sleep(0.5)
         assert all(exists(n) for n in names)
@@ -242,8 +244,10 @@ def test_gc_leaves_a_segment_that_a_living_process_maps(state):
         name, tracker, reader_pid = read_lines(victim, 3)
         reader = int(reader_pid)
         wait_until(lambda: listed(state).get(name, {}).get("tracked", False), 10, step=0.1)
-        os.killpg(victim.pid, signal.SIGKILL)
+        # The tracker first: killed after the program, it could see the
+        # program's end and clean up before its own SIGKILL lands.
         os.kill(int(tracker), signal.SIGKILL)
+        os.killpg(victim.pid, signal.SIGKILL)
         victim.wait(TIMEOUT)
         verdict = gc_json(state, name)[name]
         assert verdict["action"] == "keep" and "maps it" in verdict["reason"]

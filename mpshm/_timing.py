@@ -1,10 +1,12 @@
-"""Timing shared by the benchmark scripts."""
+"""Timing shared by the benchmarks (``mpshm bench`` and the scripts in benchmarks/)."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from typing import Any, Callable
+
+__all__ = ["median_time"]
 
 
 def median_time(fn: Callable[[], Any], number: int, rounds: int) -> float:
