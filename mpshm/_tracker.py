@@ -17,7 +17,7 @@ import socket
 import struct
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from . import _journal, _protocol
 
@@ -52,9 +52,11 @@ def start_time(pid: int) -> Optional[str]:
     return "?"
 
 
-def _carriers(needle: bytes) -> dict[int, str]:
-    """Living processes whose environment carries our MPSHM_TRACKER value."""
-    found: dict[int, str] = {}
+def carriers(needles: Iterable[bytes]) -> dict[bytes, dict[int, str]]:
+    """For each of *needles* (``MPSHM_TRACKER=<address>``), the living processes
+    whose environment carries it, as pid -> start time (one pass over /proc)."""
+    wanted = set(needles)
+    found: dict[bytes, dict[int, str]] = {}
     me = os.getpid()
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
@@ -65,14 +67,29 @@ def _carriers(needle: bytes) -> dict[int, str]:
             continue
         try:
             with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read()
+                env = set(f.read().split(b"\0"))
         except OSError:
             continue
-        if needle in env.split(b"\0"):
+        for needle in wanted & env:
             start = start_time(pid)
             if start is not None:
-                found[pid] = start
+                found.setdefault(needle, {})[pid] = start
     return found
+
+
+def alive(pid: Optional[int], started_by: Optional[float] = None) -> Optional[bool]:
+    """Whether process *pid* is alive (not a zombie) and, given *started_by*
+    (seconds since the epoch), started no later than that (give or take 2 s):
+    a later process with the same pid is not the one meant. None for no pid."""
+    if pid is None or pid <= 0:
+        return None
+    if start_time(pid) is None:
+        return False
+    if started_by is not None:
+        started = started_at(pid)
+        if started is not None and started > started_by + 2.0:
+            return False
+    return True
 
 
 def _peer(conn: socket.socket) -> tuple[Optional[int], Optional[int]]:
@@ -213,7 +230,7 @@ class Tracker:
         }
         if self.watched:
             return True
-        self.watched = _carriers(self.needle)
+        self.watched = carriers([self.needle]).get(self.needle, {})
         return bool(self.watched)
 
     def _accept(self, selector: selectors.BaseSelector) -> None:
@@ -332,11 +349,10 @@ def prune_journals() -> None:
     from . import backends
 
     for journal in _journal.read_all():
-        pid, started = journal.pid, journal.header.get("t")
-        if pid is None or not isinstance(started, (int, float)):
+        started = journal.header.get("t")
+        if journal.pid is None or not isinstance(started, (int, float)):
             continue
-        now = started_at(pid)
-        if now is not None and now <= started + 2:
+        if alive(journal.pid, float(started)):
             continue  # that tracker is alive
         for backend, ident in journal.entries:
             if backend not in backends.registry or backends.get(backend).identity(ident):

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence
 
 from .. import _journal, backends
-from .._tracker import start_time, started_at
+from .._tracker import alive, carriers
 from ..backends import Backend, SegmentInfo
 from ..backends._base import format_size
 from ..backends.mmapfile import default_dir
@@ -50,8 +50,6 @@ __all__ = ["Segment", "add_parsers", "collect", "gc", "inventory"]
 
 #: mpshm's generated POSIX names (the standard library's have 8 hex digits).
 _MPSHM_POSIX = re.compile(r"psm_[0-9a-f]{16}")
-#: Tolerance, in seconds, when comparing a process's start with a journal's times.
-_SLACK = 2.0
 
 
 @dataclass
@@ -112,21 +110,6 @@ def _pids() -> list[int]:
         return []
 
 
-def alive(pid: Optional[int], started_by: Optional[float] = None) -> Optional[bool]:
-    """Whether process *pid* is alive (not a zombie) and, given *started_by*
-    (seconds since the epoch), started no later than that: a later process
-    with the same pid is not the one meant. None if *pid* is None."""
-    if pid is None or pid <= 0:
-        return None
-    if start_time(pid) is None:
-        return False
-    if started_by is not None:
-        started = started_at(pid)
-        if started is not None and started > started_by + _SLACK:
-            return False
-    return True
-
-
 def _mappers(paths: set[str]) -> dict[str, set[int]]:
     """For each of *paths*, the pids whose /proc/<pid>/maps map it."""
     found: dict[str, set[int]] = {path: set() for path in paths}
@@ -152,22 +135,7 @@ def _carriers(addresses: set[str]) -> set[str]:
     """Which of the tracker *addresses* some living process carries in its
     environment (``MPSHM_TRACKER=...``): its program is still running."""
     needles = {f"MPSHM_TRACKER={a}".encode(): a for a in addresses if a}
-    carried: set[str] = set()
-    if not needles:
-        return carried
-    me = os.getpid()
-    for pid in _pids():
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        for needle, address in needles.items():
-            if needle in env and start_time(pid) is not None:
-                carried.add(address)
-    return carried
+    return {needles[n] for n in carriers(needles)} if needles else set()
 
 
 # -- the inventory --------------------------------------------------------------
