@@ -31,6 +31,7 @@ __all__ = [
     "Backend",
     "MmapAttachment",
     "SegmentInfo",
+    "is_utf8",
     "list_files",
     "no_space",
     "random_token",
@@ -39,6 +40,17 @@ __all__ = [
 
 #: Random bits in generated names (issue 7 asks for at least 64).
 TOKEN_BYTES = 8
+
+
+def is_utf8(text: str) -> bool:
+    """Whether *text* encodes as UTF-8 (no lone surrogates): what posix_ipc
+    needs of a name (it crashes on a lone surrogate, and leaks an object whose
+    name it cannot decode) and what the tracker's messages carry."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def random_token() -> str:

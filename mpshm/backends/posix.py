@@ -25,6 +25,7 @@ from ._base import (
     MmapAttachment,
     SegmentInfo,
     fstat_identity,
+    is_utf8,
     list_files,
     random_token,
     sized_stat,
@@ -41,16 +42,6 @@ SHM_DIR = "/dev/shm"
 NAME_MAX = 255
 
 
-def _encodable(ident: str) -> bool:
-    """Whether *ident* is UTF-8 text, as posix_ipc needs (it crashes on a lone
-    surrogate, and leaks an object whose name it cannot decode)."""
-    try:
-        ident.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _path(ident: str) -> str:
     """posix_ipc's name for *ident*, which must be a canonical identifier.
 
@@ -58,7 +49,7 @@ def _path(ident: str) -> str:
     crashes the interpreter on a NUL byte or a lone surrogate, and other
     callers (a forged handle, a tracker message) skip parsing.
     """
-    if "\0" in ident or "/" in ident or not _encodable(ident):
+    if "\0" in ident or "/" in ident or not is_utf8(ident):
         raise ValueError(f"invalid POSIX shared memory name {ident!r}")
     return "/" + ident
 
@@ -78,7 +69,7 @@ class PosixBackend(Backend):
             problem = "it is empty"
         elif "\0" in canonical:
             problem = "it contains a NUL character"
-        elif not _encodable(canonical):
+        elif not is_utf8(canonical):
             problem = "it contains a lone surrogate, which is not UTF-8 text"
         elif "/" in canonical:
             problem = "it contains '/' after the first character"

@@ -26,7 +26,7 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import sysv_ipc
 
-from ._base import Attachment, Backend, SegmentInfo, format_size, no_space, release_view
+from ._base import Attachment, Backend, SegmentInfo, format_size, is_utf8, no_space, release_view
 
 __all__ = ["SysVBackend", "key_for"]
 
@@ -55,14 +55,6 @@ def key_for(ident: str) -> int:
         )
     digest = hashlib.sha256(ident.encode("utf-8", "surrogatepass")).digest()
     return int.from_bytes(digest[:4], "big") or 1
-
-
-def _encodable(ident: str) -> bool:
-    try:
-        ident.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _signed(key: int) -> int:
@@ -158,7 +150,7 @@ class SysVBackend(Backend):
             problem = "it is empty"
         elif "\0" in ident:
             problem = "it contains a NUL character"
-        elif not _encodable(ident):  # (the tracker could not be told about it)
+        elif not is_utf8(ident):  # (the tracker could not be told about it)
             problem = "it contains a lone surrogate, which is not UTF-8 text"
         elif len(ident.encode("utf-8", "surrogatepass")) > 255:
             problem = "it is longer than 255 bytes"
