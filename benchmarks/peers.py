@@ -44,39 +44,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mpshm.numpy as shared_numpy
 from mpshm import pool as mpshm_pool
+from mpshm._poolbench import _stdlib_attach, _sum
 from mpshm._timing import median_time
+from mpshm.cli.bench import MIB, label, parse_size
 
-MIB = 1 << 20
 WORKERS = 2
 FILL = 1.0
 PEERS = ("pool-pickle", "executor-pickle", "stdlib-shm", "joblib", "torch")
-
-
-def _sum(arr: Any) -> float:
-    return float(arr.sum())
-
-
-def _stdlib_sum(name: str, n: int) -> float:
-    shm = shared_memory.SharedMemory(name)
-    try:
-        arr = np.ndarray((n,), np.float64, buffer=shm.buf)
-        value = float(arr.sum())
-        del arr
-    finally:
-        shm.close()
-    return value
-
-
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": MIB, "G": 1 << 30}
-    text = text.strip().upper()
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def _label(nbytes: int) -> str:
-    return f"{nbytes / MIB:g} MiB" if nbytes < 1 << 30 else f"{nbytes / (1 << 30):g} GiB"
 
 
 class Method:
@@ -117,7 +91,7 @@ def _methods(backends: list[str]) -> list[Method]:
             view = np.ndarray(a.shape, a.dtype, buffer=shm.buf)
             np.copyto(view, a)
             del view
-            return float(p.apply(_stdlib_sum, (shm.name, len(a))))
+            return float(p.apply(_stdlib_attach, (shm.name, len(a), True)))
         finally:
             shm.close()
             shm.unlink()
@@ -163,12 +137,13 @@ def _methods(backends: list[str]) -> list[Method]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", nargs="+", default=["1M", "16M", "64M", "256M"])
+    parser.add_argument("--sizes", nargs="+", type=parse_size,
+                        default=[MIB, 16 * MIB, 64 * MIB, 256 * MIB])
     parser.add_argument("--backends", nargs="+", default=["posix", "sysv", "mmap"])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--json", metavar="FILE")
     args = parser.parse_args(argv)
-    sizes = [_size(s) for s in args.sizes]
+    sizes: list[int] = args.sizes
     methods = _methods(args.backends)
     preshared = mpshm_pool.Pool(WORKERS, context=multiprocessing.get_context("spawn"),
                                 backend=args.backends[0])
@@ -210,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
           "x memcpy = memcpy time / time; x best peer = best peer's time / time")
     print(f"{'size':>9}  {'method':<16}{'ms':>10}{'x memcpy':>10}{'x best peer':>13}")
     for row in rows:
-        print(f"{_label(row['size']):>9}  {row['method']:<16}{row['ms']:>10.2f}"
+        print(f"{label(row['size']):>9}  {row['method']:<16}{row['ms']:>10.2f}"
               f"{row['x_memcpy']:>10.2f}{row['x_best_peer']:>12.2f}x")
     if args.json:
         with open(args.json, "w") as f:
