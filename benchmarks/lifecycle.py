@@ -20,7 +20,7 @@ import os
 import sys
 import tempfile
 from multiprocessing import shared_memory
-from typing import Callable
+from typing import Any, Callable
 
 import posix_ipc
 import sysv_ipc
@@ -116,13 +116,10 @@ def raw_attach(backend: str, name: str) -> Callable[[], None]:
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--repeat", type=int, default=7, help="rounds per figure (median)")
-    parser.add_argument("--json", help="also write the figures to this file")
-    args = parser.parse_args()
-
-    rows = []
+def measure(repeat: int, calls: int = 300) -> list[dict[str, Any]]:
+    """Every lifecycle figure (printed as it comes): a row per operation,
+    with the raw calls' time and mpshm's (and others') time and ratio."""
+    rows: list[dict[str, Any]] = []
 
     def row(what: str, baseline: float, **candidates: float) -> None:
         cells = {k: v for k, v in candidates.items()}
@@ -133,8 +130,7 @@ def main() -> None:
         print(f"{what:<34} raw {baseline * 1e6:8.1f} us   {text}", flush=True)
 
     raw_create = {"posix": raw_posix_create, "sysv": raw_sysv_create, "mmap": raw_mmap_create}
-    n, r = 300, args.repeat
-    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; medians of {r} rounds\n")
+    n, r = calls, repeat
     for backend in ("posix", "sysv", "mmap"):
         base = median_time(lambda b=backend: raw_create[b](SMALL), n, r)
         tracked = median_time(lambda b=backend: mpshm_create(b, True)(SMALL), n, r)
@@ -175,7 +171,17 @@ def main() -> None:
         if backend == "posix":
             extra["stdlib"] = median_time(lambda: stdlib_create(LARGE, True), 1, r)
         row(f"{backend}: create+fill 64 MiB", base, mpshm=ours_large, **extra)
+    return rows
 
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeat", type=int, default=7, help="rounds per figure (median)")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+    print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores; "
+          f"medians of {args.repeat} rounds\n")
+    rows = measure(args.repeat)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

@@ -150,8 +150,14 @@ class Tracker:
         )
 
     def handle(self, messages: list[dict[str, Any]], conn: Optional[socket.socket] = None) -> None:
-        """Apply the register/unregister messages that came on *conn*."""
-        for msg in messages:
+        """Apply the register/unregister messages that came on *conn*.
+
+        A segment registered and unregistered within the same batch (created
+        and unlinked between two reads) is never journaled: that saves the
+        identity lookup and two journal lines per short-lived segment."""
+        last_unreg = {(m["b"], m["i"]): n for n, m in enumerate(messages) if m["op"] == "unreg"}
+        unjournaled: set[tuple[str, str]] = set()
+        for n, msg in enumerate(messages):
             key = (msg["b"], msg["i"])
             op = msg["op"]
             if op == "scope":
@@ -167,8 +173,11 @@ class Tracker:
                 continue  # taken over and unlinked already
             elif op in ("reg", "own", "join"):
                 msg["t"] = time.time()
+                if key not in self.entries and last_unreg.get(key, -1) > n:
+                    unjournaled.add(key)
+                elif key not in unjournaled:
+                    self._journal_put(key, msg)
                 self.entries[key] = msg
-                self._journal_put(key, msg)
                 owner = conn if op == "own" else None
                 if op == "join":  # owned by the scope it names, while that is open
                     owner = self.scopes.get(str(msg.get("s")))
@@ -180,7 +189,9 @@ class Tracker:
                 removed = self.entries.pop(key, None)
                 self.owners.pop(key, None)
                 if removed is not None:
-                    self.journal.drop(key)
+                    if key not in unjournaled:
+                        self.journal.drop(key)
+                    unjournaled.discard(key)
                 else:
                     removed = {"op": "join"}  # unknown: as a join
                 if removed["op"] == "join":
@@ -247,18 +258,21 @@ class Tracker:
     def _receive(self, selector: selectors.BaseSelector, conn: socket.socket) -> bool:
         """Read what *conn* has queued; return whether there were messages."""
         decoder = self.conns[conn]
+        messages: list[dict[str, Any]] = []
         received = False
         while True:  # drain what is queued, one packet (or chunk) at a time
             try:
                 data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
+                self.handle(messages, conn)
                 return received
             except OSError:
                 data = b""
             if not data:
                 break
             received = True
-            self.handle(decoder.feed(data), conn)
+            messages.extend(decoder.feed(data))
+        self.handle(messages, conn)
         selector.unregister(conn)
         del self.conns[conn]
         self.ended.append(conn)  # see _settle

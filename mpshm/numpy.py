@@ -9,22 +9,34 @@ pickle as a handle with any pickler, plain :mod:`pickle` included, and
 unpickle in another process as a writable, zero-copy view of the same memory.
 
 Lifetime: an array from :func:`empty`, :func:`zeros` or :func:`asshared` owns
-its segment. The segment's name is destroyed when the last view of it in the
-creating process is gone, or at once by :func:`release`; processes that
-already mapped it keep valid views, and the memory goes with the last view in
-the last process. A crash cannot leak it: it is tracked like any
-``track=True`` segment. Send a handle only while the creator keeps the array
-(mpshm's pools keep it alive for you until the task is done).
+its memory. A *dedicated* array (larger than :data:`slab_limit` bytes, or made
+with ``dedicated=True``) owns a segment of its own: the segment's name is
+destroyed when the last view of it in the creating process is gone, or at
+once by :func:`release`; processes that already mapped it keep valid views,
+and the memory goes with the last view in the last process. A *small* array
+(at most :data:`slab_limit` bytes, 64 KiB by default) is a chunk of a
+*slab*, a segment shared with other small arrays of this process (so
+:func:`segment_name` gives the slab's name, the same for all of them): the
+chunk is reused once the array's last view in this process is gone, and the
+slab's name is destroyed when all of its arrays are gone or released (see
+:func:`release`, and the user guide's page on lifetimes). A crash cannot leak either: both
+are tracked like any ``track=True`` segment. Send a handle only while the
+creator keeps the array (mpshm's pools keep it alive for you until the task
+is done); for a small array this is a must, since another process's view of
+a reused chunk sees the new owner's data.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+import os
 import weakref
 from typing import Any, Optional
 
 import numpy as np
 
-from . import reduction
+from . import _slab, backends, reduction
 from .shared_memory import SharedMemory
 
 __all__ = [
@@ -34,8 +46,15 @@ __all__ = [
     "ndarray_from",
     "release",
     "segment_name",
+    "slab_limit",
     "zeros",
 ]
+
+#: Arrays of at most this many bytes made by :func:`empty`, :func:`zeros` and
+#: :func:`asshared` share slabs (segments of 1 MiB or more) instead of having
+#: a segment each; set it to 0 for a segment per array everywhere (or pass
+#: ``dedicated=True`` for one array). Values above 64 KiB count as 64 KiB.
+slab_limit: int = _slab.SLAB_LIMIT
 
 
 class SharedArray(np.ndarray):  # type: ignore[type-arg,unused-ignore]
@@ -68,8 +87,21 @@ class SharedArray(np.ndarray):  # type: ignore[type-arg,unused-ignore]
 _owned: weakref.WeakKeyDictionary[Any, weakref.finalize[Any, Any]] = weakref.WeakKeyDictionary()
 
 
+def _after_fork_in_child() -> None:
+    # The parent's segments stay the parent's: a forked child dropping (or
+    # exiting with) its inherited copies of the parent's arrays destroys nothing.
+    for finalizer in list(_owned.values()):
+        finalizer.detach()
+    _owned.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _owned_array(
-    shape: Any, dtype: Any, order: str, backend: Optional[str], options: dict[str, Any]
+    shape: Any, dtype: Any, order: str, backend: Optional[str], options: dict[str, Any],
+    zero: bool, dedicated: bool,
 ) -> SharedArray:
     dtype = np.dtype(dtype)
     if dtype.hasobject:
@@ -77,8 +109,18 @@ def _owned_array(
             f"dtype {dtype} holds Python objects, which cannot live in shared memory; "
             "use a numeric, bytes or structured dtype without objects"
         )
-    shape = (shape,) if np.ndim(shape) == 0 else tuple(shape)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    try:
+        shape = (operator.index(shape),)
+    except TypeError:
+        shape = tuple(operator.index(n) for n in shape)
+    if any(n < 0 for n in shape):
+        raise ValueError(f"negative dimensions are not allowed: {shape}")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if not dedicated and nbytes <= min(slab_limit, _slab.SLAB_LIMIT):
+        chosen, _ = backends.resolve(None, backend, options)
+        view = _slab.allocate(nbytes, chosen, options, zero)
+        if view is not None:
+            return SharedArray(shape, dtype, buffer=view, order=order)  # type: ignore[arg-type]
     shm = SharedMemory(create=True, size=max(nbytes, 1), backend=backend, **options)
     shm._note()
     owner = shm._owner()
@@ -92,32 +134,57 @@ def _owned_array(
 
 def empty(
     shape: Any, dtype: Any = float, order: str = "C", *, backend: Optional[str] = None,
-    **options: Any,
+    dedicated: bool = False, **options: Any,
 ) -> SharedArray:
-    """A new array in a fresh segment, like :func:`numpy.empty` (the memory
-    is zero-filled by the operating system)."""
-    return _owned_array(shape, dtype, order, backend, options)
+    """A new array in shared memory, like :func:`numpy.empty`.
+
+    Arrays of at most :data:`slab_limit` bytes are chunks of a shared slab
+    (a reused chunk holds old data, as :func:`numpy.empty`'s memory may);
+    larger ones, or any with *dedicated* true, get a segment of their own
+    (zero-filled by the operating system). *backend* and *options* say where
+    the segment (or slab) is made, as for :class:`~mpshm.SharedMemory`.
+    """
+    return _owned_array(shape, dtype, order, backend, options, False, dedicated)
 
 
 def zeros(
     shape: Any, dtype: Any = float, order: str = "C", *, backend: Optional[str] = None,
-    **options: Any,
+    dedicated: bool = False, **options: Any,
 ) -> SharedArray:
-    """A new zero-filled array in a fresh segment, like :func:`numpy.zeros`."""
-    return _owned_array(shape, dtype, order, backend, options)
+    """A new zero-filled array in shared memory, like :func:`numpy.zeros`
+    (slab or dedicated segment as for :func:`empty`)."""
+    return _owned_array(shape, dtype, order, backend, options, True, dedicated)
 
 
-def asshared(array: Any, *, backend: Optional[str] = None, **options: Any) -> SharedArray:
-    """A copy of *array* (anything :func:`numpy.asarray` takes) in a fresh
-    segment, made with one copy. An array already in a segment is returned
-    as a :class:`SharedArray` view, without copying."""
+def asshared(
+    array: Any, *, backend: Optional[str] = None, dedicated: bool = False, **options: Any
+) -> SharedArray:
+    """A copy of *array* (anything :func:`numpy.asarray` takes) in shared
+    memory, made with one copy (slab or dedicated segment as for
+    :func:`empty`). An array already in a segment is returned as a
+    :class:`SharedArray` view, without copying."""
     source = np.asarray(array)
     if reduction.array_handle(source) is not None:
         return source.view(SharedArray)
     order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
-    arr = _owned_array(source.shape, source.dtype, order, backend, options)
+    arr = _owned_array(source.shape, source.dtype, order, backend, options, False, dedicated)
     np.copyto(arr, source)
     return arr
+
+
+def _dedicated_copy(arr: np.ndarray, owner: Any) -> Optional[SharedArray]:
+    """A copy of *arr*, an array in the slab of this process that *owner*
+    maps, in a segment of its own on the slab's backend and options (what a
+    pool worker hands over instead of a chunk of a slab it goes on using:
+    see ``reduction._Collector``); None if *owner* is no such slab."""
+    found = _slab.origin(owner)
+    if found is None:
+        return None
+    backend, options = found
+    source = np.asarray(arr).view(np.ndarray)
+    copy = _owned_array(source.shape, source.dtype, "C", backend, options, False, True)
+    np.copyto(copy, source)
+    return copy
 
 
 def ndarray_from(
@@ -143,14 +210,26 @@ def ndarray_from(
 def segment_name(arr: np.ndarray) -> Optional[str]:
     """The name of the segment holding *arr*'s memory (``SharedMemory(name)``
     attaches it), or None if *arr* is not in a segment that can be shared by
-    name (private memory, or a read-only copy a pool received)."""
+    name (private memory, or a read-only copy a pool received).
+
+    Small arrays share slabs: this is the slab's name, the same for many
+    arrays, and the segment is larger than the array (find the array in it
+    with a pickled handle, or make it with ``dedicated=True``)."""
     handle = reduction.array_handle(arr)
     return None if handle is None else handle.name
 
 
 def release(arr: np.ndarray) -> None:
     """Destroy the segment holding *arr* now (its name; views stay valid
-    until they are gone). Raises ValueError if *arr* is not in a segment."""
+    until they are gone). Raises ValueError if *arr* is not in a segment.
+
+    For a small array, which shares a slab with others, only the creating
+    process can release it, and the slab's name is destroyed once every array
+    in it is released or gone (a name others use cannot be destroyed for one
+    of them); the chunk's memory is reused only when the array's last view
+    in this process is gone, released or not. Released or not, the array
+    stays sendable by handle as long as the slab's name exists.
+    """
     _, low, extent = reduction._array_bounds(arr)
     found = reduction.find(low, max(extent, 1))
     if found is None:
@@ -158,7 +237,14 @@ def release(arr: np.ndarray) -> None:
             "this array's memory is not in a shared memory segment that this process "
             "maps (was it made by mpshm.numpy, or already released?)"
         )
-    owner, region, _ = found
+    owner, region, offset = found
+    if _slab.release(owner, offset):
+        return
+    if _slab.inherited(owner):
+        raise ValueError(
+            f"this array lives in {region.name!r}, a slab of small arrays that the parent "
+            "of this forked process made: only the parent can release it"
+        )
     reduction.forget_mapping(owner)
     finalizer = _owned.pop(owner, None)
     if finalizer is not None:

@@ -20,13 +20,24 @@ copied once.
 
 Lifetimes:
 
-* a segment made to carry a task's arguments is destroyed as soon as the
-  task's result is back (by :data:`mpshm.reduction.reaper`'s thread; the
-  worker's views stay valid while it uses them); arrays sent by reference
-  are kept alive by the pool until then;
-* a result's segment belongs to the receiver: its name is destroyed once the
-  receiver's last view of it is gone, or when the pool ends; the memory goes
-  with the last view;
+* a segment made to carry a task's arguments is the pool's: once the task's
+  result is back it is kept warm and reused for a later task's arguments,
+  but only after the worker has reported that no view of it is left there
+  (a worker that keeps its argument beyond the task keeps valid, unchanging
+  data; that segment is never reused); arrays sent by reference are kept
+  alive by the pool until the task is done;
+* a result's segment belongs to the receiver while it has a view of it;
+  then it too is kept warm, and offered to workers to write later results
+  into (copying into a warm segment runs at memcpy speed, into a fresh one
+  at the speed the kernel allocates pages);
+* warm segments are bounded by ``cache_bytes`` (see :func:`get_context`) and
+  destroyed after 5 idle seconds (``MPSHM_CACHE_IDLE``) or when the pool
+  ends; each worker likewise keeps its mappings of segments it was sent, so
+  that a segment sent again is not mapped again (an identity check makes
+  sure a name reused by a new segment is never read as the old one). With
+  ``cache_bytes=0`` every copy goes to a fresh segment, destroyed as soon as
+  its task's result is back (by :data:`mpshm.reduction.reaper`'s thread),
+  and a result's name is destroyed once the receiver's last view is gone;
 * whatever is still in flight when the pool ends (``terminate()``, ``join()``,
   the end of a ``with`` block, ``shutdown()``, or the pool being garbage
   collected) is destroyed then; if the parent process is killed (SIGKILL
@@ -41,6 +52,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import errno
 import functools
 import io
 import itertools
@@ -55,7 +67,7 @@ from multiprocessing import connection, context, util
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Callable, Iterable, Iterator, Optional
 
-from . import reduction, tracking
+from . import _cache, reduction, tracking
 from .reduction import DEFAULT_THRESHOLD, Carrier, SharingPickler
 
 __all__ = ["Pool", "ProcessPoolExecutor", "SharingContext", "get_context"]
@@ -156,13 +168,17 @@ def _when_all_done(futures: list[Any], callback: Callable[[], None]) -> None:
 class _Loan:
     """A segment carrying one buffer for the tasks that use it."""
 
-    __slots__ = ("key", "segment", "source", "users")
+    __slots__ = ("key", "segment", "source", "users", "warm")
 
-    def __init__(self, segment: Optional[reduction.Segment], source: Any, key: Any) -> None:
+    def __init__(
+        self, segment: Optional[reduction.Segment], source: Any, key: Any,
+        warm: Optional[_cache.Warm] = None,
+    ) -> None:
         self.segment = segment
         self.source = source  # keeps the buffer's address from being reused
         self.users = 0
         self.key = key
+        self.warm = warm  # its entry in the pool's warm segments, if kept there
 
 
 class _PoolCarrier(Carrier):
@@ -199,9 +215,11 @@ class _LoanCarrier(_PoolCarrier):
                 if loan is not None and loan.users > 0 and loan.segment is not None:
                     loan.users += 1
                     self.used.append(loan)
+                    if loan.warm is not None and sharing.warm is not None:
+                        sharing.warm.delivered(loan.warm)
                     return loan.segment, 0
-        segment, _ = super().carry(raw, address)
-        loan = _Loan(segment, raw.obj, key)
+        segment, warm = sharing.lend(raw, lambda: super(_LoanCarrier, self).carry(raw, address))
+        loan = _Loan(segment, raw.obj, key, warm)
         loan.users = 1
         self.used.append(loan)
         if key is not None:
@@ -215,14 +233,57 @@ class _LoanCarrier(_PoolCarrier):
 
 class _GiveCarrier(_PoolCarrier):
     """Copies buffers into segments the receiver takes over; registered with
-    *registry* (the pool's scope, or a worker's membership of it)."""
+    *registry* (the pool's scope, or a worker's membership of it). In a
+    worker, a result is written into a spare the parent offered with the
+    task, if one fits (see :mod:`mpshm._cache`)."""
 
     def __init__(self, sharing: _Sharing, registry: Any) -> None:
         super().__init__(sharing)
+        self.sharing = sharing
         self._registry = registry
+        self._spares: set[reduction.Segment] = set()
+        self._use_spares = False
 
     def registry(self) -> Any:
         return self._registry
+
+    def begin(self, use_spares: bool) -> None:
+        """A new message: may it use the spares of the task being run?"""
+        self._spares.clear()
+        self._use_spares = use_spares
+
+    def carry(self, raw: memoryview, address: int) -> tuple[reduction.Segment, int]:
+        spares = self.sharing.spares if self._use_spares else []
+        for i, spare in enumerate(spares):
+            if not _cache.fits(raw.nbytes, spare.size):
+                continue
+            del spares[i]
+            try:
+                owner = reduction.attach_owner(
+                    spare.backend.name, spare.ident, spare.name, spare.size,
+                    reduction.machine(), shareable=False, cache=True,
+                )
+                memoryview(owner)[: raw.nbytes] = raw
+            except (OSError, ValueError, TypeError):
+                break  # gone, say: a fresh segment instead
+            self._spares.add(spare)
+            return spare, 0
+        return super().carry(raw, address)
+
+    def kind_of(self, segment: reduction.Segment) -> str:
+        return "spare" if segment in self._spares else self.kind
+
+
+def _check_cache_bytes(value: Optional[int]) -> int:
+    """*cache_bytes* as given to :func:`get_context` (None: the default)."""
+    if value is None:
+        return _cache.default_limit()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"cache_bytes must be a number of bytes >= 0 (0 turns the warm-segment cache "
+            f"off, None means {_cache.default_limit()}), not {value!r}"
+        )
+    return value
 
 
 class _Sharing:
@@ -235,16 +296,28 @@ class _Sharing:
     settings.
     """
 
-    def __init__(self, backend: Optional[str], threshold: int, options: dict[str, Any]) -> None:
+    #: The parent's warm segments (None in workers, or with ``cache_bytes=0``).
+    warm: Optional[_cache.WarmSegments]
+
+    def __init__(
+        self, backend: Optional[str], threshold: int, options: dict[str, Any],
+        cache_bytes: Optional[int] = None,
+    ) -> None:
         probe = Carrier(backend, threshold, **options)  # validates all three
         self.backend = probe.backend
         self.threshold = probe.threshold
         self.options = options
+        self.cache_bytes = _check_cache_bytes(cache_bytes)
         self.scope = tracking.Scope()
         self.scope.connect()  # starts the tracker before any worker exists
         self.token = self.scope.token
         self.pid = os.getpid()  # the owner: the pool's parent
         self._setup()
+        if self.cache_bytes != 0:
+            self.warm = _cache.WarmSegments(self.scope, self._destroy, self.cache_bytes)
+
+    def _destroy(self, segments: list[reduction.Segment]) -> None:
+        reduction.reaper.later(reduction.discard, segments, self.scope)
 
     def _setup(self) -> None:
         self.lock = threading.Lock()
@@ -258,11 +331,20 @@ class _Sharing:
         self.held: dict[Any, list[_Loan]] = {}
         self._member: Optional[_GiveCarrier] = None
         self._member_pid = 0
+        self.warm = None
+        # Spares offered with a task, by task key (the parent), and those of
+        # the task being run (a worker).
+        self.offered: dict[Any, list[_cache.Warm]] = {}
+        self.spares: list[reduction.Segment] = []
+        # A worker's leases of task arguments: (backend, ident, weak reference).
+        self.leases: list[tuple[str, str, Any]] = []
+        self._leases_pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         return {
             "backend": self.backend.name, "threshold": self.threshold,
             "options": self.options, "token": self.token, "pid": self.pid,
+            "cache_bytes": self.cache_bytes,
         }
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -273,8 +355,39 @@ class _Sharing:
         self.options = state["options"]
         self.token = state["token"]
         self.pid = state["pid"]
+        self.cache_bytes = state["cache_bytes"]
         self.scope = None  # type: ignore[assignment]
         self._setup()
+
+    def lend(
+        self, raw: memoryview, fresh: Callable[[], tuple[reduction.Segment, int]],
+    ) -> tuple[reduction.Segment, Optional[_cache.Warm]]:
+        """A segment holding a copy of *raw* for a task: a warm one if one
+        fits, else ``fresh()``'s (kept warm afterwards if the cache can)."""
+        warm = self.warm
+        if warm is not None:
+            entry = warm.take(raw.nbytes)
+            if entry is not None:
+                try:
+                    memoryview(entry.owner)[: raw.nbytes] = raw
+                except BaseException:
+                    warm.done(entry)
+                    raise
+                warm.delivered(entry)
+                return entry.segment, entry
+        try:
+            segment, _ = fresh()
+        except OSError as exc:
+            if warm is None or exc.errno != errno.ENOSPC or not warm.cached_bytes:
+                raise
+            warm.trim()  # the storage is full: give back what is cached, try again
+            reduction.reaper.drain()
+            segment, _ = fresh()
+        if warm is None or segment.size > warm.limit:
+            return segment, None
+        entry = warm.add(segment)
+        warm.delivered(entry)
+        return segment, entry
 
     # -- sending
 
@@ -286,8 +399,12 @@ class _Sharing:
                 self._member = _GiveCarrier(self, tracking.Member(self.token))
                 self._member.hands_over = True
                 self._member_pid = os.getpid()
+                self.spares = []
             result = _result_key(obj)
-            return self._member, None, None if result is None else (*result, "result")
+            self._member.begin(use_spares=result is not None)
+            if result is None:
+                return self._member, None, None
+            return self._member, None, (*result, "result")
         found = _task_key(obj)
         if found is None:
             return _GiveCarrier(self, self.scope), None, None
@@ -312,6 +429,7 @@ class _Sharing:
                 reduction.discard(failed.made, carrier.registry())
 
         reduction.dump(pickler, obj, cleanup)
+        extra = None
         if isinstance(carrier, _LoanCarrier):
             if pickler.kept:  # sent by reference: alive until the task is done
                 keep = _Loan(None, pickler.kept, None)
@@ -320,7 +438,28 @@ class _Sharing:
             if carrier.used:
                 with self.lock:
                     self.inflight.setdefault(key, []).extend(carrier.used)
-        return reduction.envelope(file.getvalue(), pickler.descriptors, about)
+            if self.warm is not None:
+                offered = self.warm.offer()
+                if offered:
+                    with self.lock:
+                        self.offered.setdefault(key, []).extend(offered)
+                    extra = {"spares": [warm.segment for warm in offered]}
+        elif about is not None:  # a worker's result
+            self.spares = []  # they were offered with its task only
+            if self.leases:
+                extra = self._released()
+        return reduction.envelope(file.getvalue(), pickler.descriptors, about, extra)
+
+    def _released(self) -> Optional[dict[str, Any]]:
+        """(A worker) task arguments whose views are all gone, to report."""
+        if self._leases_pid != os.getpid():  # inherited by a fork: not ours
+            self.leases, self._leases_pid = [], os.getpid()
+            return None
+        released = [(b, i) for b, i, ref in self.leases if ref() is None]
+        if not released:
+            return None
+        self.leases = [entry for entry in self.leases if entry[2]() is not None]
+        return {"released": released}
 
     # -- receiving
 
@@ -328,20 +467,45 @@ class _Sharing:
         """Unpickle one message; a result ends its task's loans. A task or
         result that cannot be unpickled (its segment is gone, say) becomes
         one that reports the error."""
-        main, descriptors, about = reduction.split(data)
+        main, descriptors, about, extra = reduction.split_message(data)
+        owner = os.getpid() == self.pid
+        receiving = _cache.receiving
+        if self.cache_bytes != 0:
+            receiving.active = True
+            if owner:
+                receiving.warm = self.warm
+            else:
+                if self._leases_pid != os.getpid():
+                    self.leases, self._leases_pid = [], os.getpid()
+                receiving.leases = self.leases
+                if about is not None and about[-1] == "task":
+                    spares = [] if extra is None else extra.get("spares", [])
+                    self.spares = [spare for spare in spares
+                                   if isinstance(spare, reduction.Segment)]
         try:
             obj = reduction.load_parts(main, descriptors)
         except Exception as exc:
             if about is None:
                 raise
             obj = _substitute(about, exc)
-        if self.inflight and os.getpid() == self.pid:
-            key = _result_key(obj)
-            if key is not None:
-                with self.lock:
-                    loans = self.inflight.pop(key, None)
-                if loans:
-                    self._release(loans)
+        finally:
+            receiving.active = False
+            receiving.warm = None
+            receiving.leases = None
+        if owner:
+            if extra is not None and self.warm is not None:
+                for backend, ident in extra.get("released", ()):
+                    self.warm.released(backend, ident)
+            if self.inflight or self.offered:
+                key = _result_key(obj)
+                if key is not None:
+                    with self.lock:
+                        loans = self.inflight.pop(key, None)
+                        offered = self.offered.pop(key, None)
+                    if loans:
+                        self._release(loans)
+                    if offered and self.warm is not None:
+                        self.warm.returned(offered)
         return obj
 
     def _release(self, loans: list[_Loan]) -> None:
@@ -353,9 +517,12 @@ class _Sharing:
                     done.append(loan)
                     if loan.key is not None and self.memo.get(loan.key) is loan:
                         del self.memo[loan.key]
-        segments = [loan.segment for loan in done if loan.segment is not None]
+        segments = [loan.segment for loan in done
+                    if loan.segment is not None and loan.warm is None]
         for loan in done:
             loan.source = None
+            if loan.warm is not None and self.warm is not None:
+                self.warm.done(loan.warm)
         if segments:  # off this thread: see reduction.reaper
             reduction.reaper.later(reduction.discard, segments, self.scope)
 
@@ -387,10 +554,14 @@ class _Sharing:
             # What this process lent is destroyed before close() returns; the
             # tracker destroys the rest (results workers made and never sent).
             reduction.reaper.drain()
+            held = {} if self.warm is None else {
+                (seg.backend.name, seg.ident): seg for seg in self.warm.close()}
             for loan in loans.values():
                 loan.source = None
                 if loan.segment is not None:
-                    reduction.discard([loan.segment], self.scope)
+                    held[(loan.segment.backend.name, loan.segment.ident)] = loan.segment
+            reduction.discard(list(held.values()), self.scope)
+            self.offered.clear()
             self.scope.close()
 
 
@@ -565,13 +736,14 @@ class SharingContext(context.BaseContext):
     pickler; see :func:`get_context`."""
 
     def __init__(
-        self, method: str, backend: Optional[str], share_threshold: int, options: dict[str, Any]
+        self, method: str, backend: Optional[str], share_threshold: int, options: dict[str, Any],
+        cache_bytes: Optional[int] = None,
     ) -> None:
         base = multiprocessing.get_context(method)
         self._name = base.get_start_method()
         self._base = base
         self._process_class = _PROCESSES[self._name]
-        self._sharing = _Sharing(backend, share_threshold, options)
+        self._sharing = _Sharing(backend, share_threshold, options, cache_bytes)
         self._finalizer = weakref.finalize(self, self._sharing.close)
 
     @property
@@ -583,6 +755,11 @@ class SharingContext(context.BaseContext):
     def share_threshold(self) -> int:
         """Buffers of at least this many bytes travel through shared memory."""
         return self._sharing.threshold
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes of warm segments kept for reuse (0: none; see :func:`get_context`)."""
+        return self._sharing.cache_bytes
 
     def Process(self, *args: Any, **kwargs: Any) -> Any:
         """A process of this context's start method. A pool's or executor's
@@ -624,6 +801,7 @@ def get_context(
     *,
     backend: Optional[str] = None,
     share_threshold: int = DEFAULT_THRESHOLD,
+    cache_bytes: Optional[int] = None,
     **options: Any,
 ) -> SharingContext:
     """A :mod:`multiprocessing` context (start method *method*, default as
@@ -634,6 +812,14 @@ def get_context(
     ``concurrent.futures.ProcessPoolExecutor(mp_context=ctx)``. Each call
     makes a new context with its own bookkeeping; :meth:`SharingContext.close`
     ends it.
+
+    *cache_bytes* bounds the warm memory kept between tasks: segments the
+    parent keeps to reuse for arguments and results, and each worker's
+    mappings of segments it was sent. None (the default) is a quarter of
+    physical memory, at most 4 GiB; 0 turns both caches off (every task's
+    copy goes to a fresh segment, every segment is mapped afresh). What is
+    cached and unused for 5 seconds (``MPSHM_CACHE_IDLE``) is given back to
+    the system.
     """
     if method is None:
         # The program's choice if it made one, else the platform's default
@@ -644,21 +830,26 @@ def get_context(
         raise ValueError(
             f"unknown start method {method!r}; choose one of {sorted(_PROCESSES)}"
         )
-    return SharingContext(method, backend, share_threshold, options)
+    return SharingContext(method, backend, share_threshold, options, cache_bytes)
 
 
 def _context_for(
     context_or_method: Any, backend: Optional[str], share_threshold: int,
     options: dict[str, Any],
 ) -> SharingContext:
+    cache_bytes = options.pop("cache_bytes", None)
     if isinstance(context_or_method, SharingContext):
-        if backend is not None or share_threshold != DEFAULT_THRESHOLD or options:
-            raise ValueError("give backend= and share_threshold= to get_context(), not both")
+        if (backend is not None or share_threshold != DEFAULT_THRESHOLD or options
+                or cache_bytes is not None):
+            raise ValueError(
+                "give backend=, share_threshold= and cache_bytes= to get_context(), not both"
+            )
         return context_or_method
     method = None
     if context_or_method is not None:
         method = context_or_method.get_start_method()
-    return get_context(method, backend=backend, share_threshold=share_threshold, **options)
+    return get_context(method, backend=backend, share_threshold=share_threshold,
+                       cache_bytes=cache_bytes, **options)
 
 
 class _JobCache(multiprocessing.pool._PoolCache):  # type: ignore[name-defined,misc]

@@ -50,7 +50,7 @@ import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Optional
 
-from . import backends, tracking
+from . import _cache, backends, tracking
 
 if TYPE_CHECKING:
     import numpy
@@ -233,23 +233,39 @@ def find(address: int, nbytes: int) -> Optional[tuple[Any, _Region, int]]:
 
 def attach_owner(
     backend: str, ident: str, name: str, size: int, made_on: Optional[tuple[str, str]],
-    shareable: bool = True,
+    shareable: bool = True, cache: bool = False,
 ) -> Any:
     """The object holding a mapping of segment *ident*: this process's live
-    one if there is one, else a new attachment's."""
+    one if there is one, else (with *cache*) one kept from an earlier
+    message (see :class:`mpshm._cache.MappingCache`), else a new attachment's
+    (kept for later with *cache*)."""
     check_machine(made_on, name)
     with _lock:
         owner = _owners.get((backend, ident))
     if owner is not None and _mapped(owner):
         region = _regions.get(owner)
         if region is not None and region.size == size:
+            if not _cache.mappings.holds(owner):
+                return owner
+            # Kept alive by the cache, maybe past its name's reuse: check.
+            if _cache.mappings.get(backend, ident, size) is owner:
+                return owner
+            with _lock:
+                if _owners.get((backend, ident)) is owner:
+                    del _owners[(backend, ident)]
+    if cache:
+        owner = _cache.mappings.get(backend, ident, size)
+        if owner is not None:
             return owner
     from .shared_memory import SharedMemory
 
     shm = SharedMemory._from_handle(backend, ident, name, size)
     owner = shm._owner()
+    identity = None if shm._attachment is None else shm._attachment.identity
     note_mapping(owner, backend, ident, name, size, shareable)
     shm._forget_attachment()  # the owner, referenced by the views, keeps the mapping
+    if cache:
+        _cache.mappings.put(backend, ident, size, owner, identity)
     return owner
 
 
@@ -413,7 +429,7 @@ def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
         )
     owner = attach_owner(
         handle.backend, handle.ident, handle.name, handle.size, handle.machine,
-        shareable=not handle.given,
+        shareable=not handle.given, cache=_cache.receiving.active and not handle.given,
     )
     if handle.given:
         reaper.watch(owner, handle.backend, handle.ident)
@@ -441,7 +457,9 @@ class _Descriptor(NamedTuple):
     nbytes: int
     readonly: bool
     #: "ref": an existing segment; "give": the receiver owns it (unlinks its
-    #: name once mapped); "loan": the sender destroys it (a pool, per task).
+    #: name once mapped); "loan": the sender destroys or reuses it (a pool,
+    #: per task); "spare": the receiver's own segment, lent to the sender to
+    #: write into (a pool's parent, for results).
     kind: str
 
 
@@ -494,6 +512,12 @@ class Carrier:
     def registry(self) -> Any:
         """Where new segments are registered (see ``shared_memory._generate``)."""
         return tracking
+
+    def kind_of(self, segment: Segment) -> str:
+        """Who destroys *segment* (returned by :meth:`carry`): ``"give"``,
+        ``"loan"``, or ``"spare"`` for a segment the receiver lent to this
+        process to write into (not this carrier's to destroy)."""
+        return self.kind
 
     def new_segment(self, nbytes: int) -> SharedMemory:
         """A fresh, mapped segment of *nbytes* bytes, registered with :meth:`registry`."""
@@ -580,6 +604,10 @@ class _Collector:
         located = locate_array(arr)
         if located is not None:
             handle, owner = located
+            if self.carrier.hands_over:
+                copied = self._copy_from_slab(arr, owner)
+                if copied is not None:
+                    return copied
             self.kept.append(arr)
             if self.carrier.hands_over and self._hand_over(owner, handle):
                 handle = handle._replace(given=True)
@@ -616,6 +644,24 @@ class _Collector:
         self.carrier.registry().register(backends.get(handle.backend), handle.ident, None)
         return True
 
+    def _copy_from_slab(self, arr: numpy.ndarray, owner: Any) -> Any:
+        """Reduce a small :mod:`mpshm.numpy` array that this process keeps in
+        a slab shared with its other small arrays (a pool worker's result,
+        say) by value: the slab cannot be handed over, and the chunk is reused
+        once the sender drops the array. Below the threshold it goes inline;
+        from it on, as a copy in a segment of its own, handed over. None if
+        *owner* is not such a slab."""
+        slabs = sys.modules.get("mpshm._slab")
+        if slabs is None or not slabs.owns(owner):
+            return None
+        import numpy as np
+
+        if arr.nbytes >= self.carrier.threshold:
+            copy = sys.modules["mpshm.numpy"]._dedicated_copy(arr, owner)
+            if copy is not None:
+                return self._reduce_array(copy)
+        return np.asarray(arr).view(np.ndarray).__reduce_ex__(5)
+
     def __call__(self, buffer: pickle.PickleBuffer) -> bool:
         raw = buffer.raw()
         nbytes = raw.nbytes
@@ -637,9 +683,10 @@ class _Collector:
             ))
             return False
         segment, offset = self.carrier.carry(raw, address)
-        if segment not in self.made:
+        kind = self.carrier.kind_of(segment)
+        if kind != "spare" and segment not in self.made:
             self.made.append(segment)
-        self.descriptors.append(segment.descriptor(offset, nbytes, True, self.carrier.kind))
+        self.descriptors.append(segment.descriptor(offset, nbytes, True, kind))
         return False
 
 
@@ -694,13 +741,17 @@ def _rebuild_contiguous(buffer: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
     return np.frombuffer(buffer, dtype=dtype).reshape(shape)
 
 
-def envelope(main: bytes, descriptors: list[_Descriptor], about: Any = None) -> bytes:
+def envelope(
+    main: bytes, descriptors: list[_Descriptor], about: Any = None, extra: Any = None,
+) -> bytes:
     """The bytes :func:`loads` reads: *main* alone if there are no descriptors
     and nothing said *about* the message (what a pool substitutes for it if
-    it cannot be unpickled; see :func:`split`)."""
-    if not descriptors and about is None:
+    it cannot be unpickled; see :func:`split`) and no *extra* (a pool's
+    bookkeeping of warm segments; see :func:`split_message`)."""
+    if not descriptors and about is None and extra is None:
         return main
-    table = pickle.dumps((descriptors, about), protocol=5)
+    parts = (descriptors, about) if extra is None else (descriptors, about, extra)
+    table = pickle.dumps(parts, protocol=5)
     return b"".join((_ENVELOPE, _LENGTH.pack(len(main)), main, table))
 
 
@@ -774,26 +825,71 @@ def _take(descriptor: _Descriptor) -> memoryview:
             f"invalid shared memory handle: {nbytes!r} bytes at offset {offset!r} do not "
             f"lie within the {size!r} bytes of segment {descriptor.name!r}"
         )
+    kind = descriptor.kind
+    receiving = _cache.receiving
+    warm = receiving.warm
+    if warm is not None and kind in ("give", "spare"):
+        # A pool's parent receiving a result: its segment joins the pool's
+        # warm segments once the result's last view is gone.
+        check_machine(descriptor.machine, descriptor.name)
+        entry = warm.find(descriptor.backend, descriptor.ident)
+        if entry is None:
+            if kind == "spare":
+                raise HandleError(
+                    f"invalid shared memory handle: {descriptor.name!r} is not a segment "
+                    "this pool lent"
+                )
+            owner = attach_owner(
+                descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
+                descriptor.machine, shareable=False,
+            )
+            entry = warm.add(
+                Segment(backends.get(descriptor.backend), descriptor.ident,
+                        descriptor.name, descriptor.size),
+                owner,
+            )
+        warm.result_size(nbytes)
+        return warm.lease(entry, offset, nbytes, descriptor.readonly)
+    if kind == "spare":
+        raise HandleError(
+            f"invalid shared memory handle: {descriptor.name!r} was lent by a pool to "
+            "its workers and cannot be read here"
+        )
+    cache = receiving.active and kind != "give"
     owner = attach_owner(
         descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
-        descriptor.machine, shareable=descriptor.kind == "ref",
+        descriptor.machine, shareable=kind == "ref", cache=cache,
     )
-    if descriptor.kind == "give":
+    if kind == "give":
         reaper.watch(owner, descriptor.backend, descriptor.ident)
-    view = memoryview(owner)[descriptor.offset : descriptor.offset + descriptor.nbytes]
+    leases = receiving.leases
+    if kind == "loan" and leases is not None:
+        # The sender reuses the segment once this process reports the lease gone.
+        owned = _cache.lease(owner, offset, nbytes)
+        leases.append((descriptor.backend, descriptor.ident, weakref.ref(owned)))
+        return _cache.lease_view(owned, descriptor.readonly)
+    view = memoryview(owner)[offset : offset + nbytes]
     return view.toreadonly() if descriptor.readonly else view
 
 
 def split(data: bytes) -> tuple[memoryview, list[_Descriptor], Any]:
     """The pickle, the out-of-band descriptors and the *about* note of *data*
     (see :func:`envelope`)."""
+    main, descriptors, about, _ = split_message(data)
+    return main, descriptors, about
+
+
+def split_message(data: bytes) -> tuple[memoryview, list[_Descriptor], Any, Any]:
+    """:func:`split`, and the *extra* of :func:`envelope` (or None)."""
     view = memoryview(data)
     if view[: len(_ENVELOPE)] != _ENVELOPE:
-        return view, [], None
+        return view, [], None, None
     start = len(_ENVELOPE) + _LENGTH.size
     (length,) = _LENGTH.unpack_from(view, len(_ENVELOPE))
-    descriptors, about = pickle.loads(view[start + length :])
-    return view[start : start + length], descriptors, about
+    table = pickle.loads(view[start + length :])
+    descriptors, about = table[0], table[1]
+    extra = table[2] if len(table) > 2 else None
+    return view[start : start + length], descriptors, about, extra
 
 
 def load_parts(main: Any, descriptors: list[_Descriptor]) -> Any:

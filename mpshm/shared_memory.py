@@ -135,6 +135,16 @@ class SharedMemory:
 
     Creating ignores ``owner_check``.
 
+    Options every built-in backend accepts (both off by default, and never a
+    reason for a creation or an attach to fail):
+
+    * ``huge_pages=True`` (or ``$MPSHM_HUGE_PAGES=1``): huge pages for a
+      segment of 2 MiB or more where the machine allows them (transparent
+      huge pages for shmem set to ``advise``/``always``, huge pages reserved
+      for System V, a hugetlbfs directory for ``mmap``), else normal pages.
+    * ``prefault=True``, on an attach: map the whole segment at once
+      (``MADV_POPULATE_READ``), which halves a first full read on ``sysv``.
+
     Differences from the standard library, all fixes:
 
     * A segment its storage cannot hold fails at creation with

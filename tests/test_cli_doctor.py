@@ -10,7 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pytest
 from helpers import ROOT
@@ -23,7 +23,7 @@ from mpshm.cli.doctor import CheckResult
 MiB = 1 << 20
 GiB = 1 << 30
 EXPECTED_CHECKS = {
-    "shm.dir", "sysv.limits", "sysv.usage", "sysv.rmid_forced", "thp.shmem", "hugetlb",
+    "shm.dir", "sysv.limits", "sysv.usage", "sysv.rmid_forced", "thp.shmem", "thp.gain", "hugetlb",
     "vm.max_map_count", "rlimit.nofile", "rlimit.as", "cgroup.memory", "logind.remove_ipc",
     "mmap.dir", "settings",
 }
@@ -363,6 +363,46 @@ def test_thp_shmem(tmp_path: Path, text: str, value: str, posix: str) -> None:
     assert result.detail["shm_dir_huge"] == "within_size"
     assert result.detail["posix_effective"] == posix
     assert f"shmem_enabled={value}" in result.summary
+
+
+@pytest.mark.parametrize(
+    "shmem, huge, steps",
+    [("never", None, ["shmem_enabled", "remount,huge=advise"]),
+     ("advise", "advise", []),
+     ("advise", None, ["remount,huge=advise"]),
+     ("force", None, [])],
+)
+def test_thp_gain_says_what_to_change(
+    tmp_path: Path, shmem: str, huge: Optional[str], steps: list[str]
+) -> None:
+    sysfs, proc = tmp_path / "sys", tmp_path / "proc"
+    thp = sysfs / "kernel" / "mm" / "transparent_hugepage"
+    write(thp / "shmem_enabled", f"[{shmem}]\n")
+    write(thp / "enabled", "always [never] madvise\n")  # nothing measured
+    fake_mounts(proc, f"tmpfs {tmp_path} tmpfs rw{',huge=' + huge if huge else ''} 0 0")
+    result = doctor.check_thp_gain(str(sysfs), str(proc), str(tmp_path))
+    assert result.verdict == "info" and "not measured" in result.summary
+    assert result.detail["speedup"] is None
+    for step in steps:
+        assert step in result.detail["advice"]
+    if not steps:
+        assert result.detail["advice"].startswith("enabled")
+    assert "huge_pages=True" in result.summary
+
+
+def test_thp_gain_measures_on_this_machine() -> None:
+    """With anonymous THP on madvise or always, the gain is measured, quickly."""
+    import time
+
+    enabled = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not enabled.exists() or "[never]" in enabled.read_text():
+        pytest.skip("no anonymous transparent huge pages here")
+    start = time.perf_counter()
+    result = doctor.check_thp_gain()
+    assert time.perf_counter() - start < 2.0  # 0.35 s budget, on a noisy machine
+    assert result.detail["small_pages_s"] > 0 and result.detail["huge_pages_s"] > 0
+    if result.detail["speedup"] is not None:
+        assert "ms with huge pages" in result.summary
 
 
 def test_thp_missing_and_hugetlb(tmp_path: Path) -> None:

@@ -38,7 +38,9 @@ def method(request):
 
 def test_pool_sends_arguments_by_handle_and_ends_their_segments(backend, method):
     arr = np.arange(MiB // 8, dtype="float64")  # 1 MiB: at the threshold
-    with mpshm.Pool(2, context=multiprocessing.get_context(method), backend=backend) as p:
+    # Without the warm-segment cache (see test_pool_cache.py for it).
+    with mpshm.Pool(2, context=multiprocessing.get_context(method), backend=backend,
+                    cache_bytes=0) as p:
         total, writable, name, pid = p.apply(describe, (arr,))
         assert pid != os.getpid()
         assert total == arr.sum()
@@ -52,7 +54,8 @@ def test_pool_sends_arguments_by_handle_and_ends_their_segments(backend, method)
 def test_results_come_back_by_handle_and_belong_to_the_receiver(backend, method):
     from helpers import segment_of
 
-    with mpshm.Pool(2, context=multiprocessing.get_context(method), backend=backend) as p:
+    with mpshm.Pool(2, context=multiprocessing.get_context(method), backend=backend,
+                    cache_bytes=0) as p:
         results = p.starmap(make_array, [(MiB // 8, 1.0), (3 * MiB // 8, 2.0)])
         names = [segment_of(r) for r in results]
         assert None not in names
@@ -80,7 +83,7 @@ def test_preshared_arrays_are_writable_in_workers(backend, method):
 
 def test_same_buffer_in_one_map_is_copied_once(backend):
     arr = np.ones(MiB // 8)
-    with mpshm.Pool(2, backend=backend) as p:
+    with mpshm.Pool(2, backend=backend, cache_bytes=0) as p:
         (name,) = {r[2] for r in p.map(describe, [arr] * 8)}  # one segment for all
         # Gone once the map is over (the pool learns it just after map returns).
         wait_until(lambda: not exists(name), 5)
@@ -89,7 +92,7 @@ def test_same_buffer_in_one_map_is_copied_once(backend):
 def test_executor_map_copies_a_buffer_once_and_submit_sees_new_values(backend, method):
     arr = np.ones(MiB // 8)
     ctx = multiprocessing.get_context(method)
-    with mpshm.ProcessPoolExecutor(2, mp_context=ctx, backend=backend) as ex:
+    with mpshm.ProcessPoolExecutor(2, mp_context=ctx, backend=backend, cache_bytes=0) as ex:
         results = list(ex.map(describe, [arr] * 6))
         assert {r[2] for r in results} == {results[0][2]}
         assert all(r[0] == arr.sum() for r in results)

@@ -168,9 +168,13 @@ def _libc_mmap() -> Optional[_LibcMmap]:
 _libc = _libc_mmap()
 
 
-def map_shared(fd: int, size: int) -> mmap.mmap:
+def map_shared(fd: int, size: int, kernel_address: bool = False) -> mmap.mmap:
     """A shared, writable :class:`mmap.mmap` of the first *size* bytes of *fd*
     that keeps no file descriptor open.
+
+    With *kernel_address*, the kernel chooses the address for the file
+    itself (aligned for huge pages; hugetlbfs needs it): before Python 3.13
+    that mapping keeps a duplicate descriptor.
 
     CPython's mmap keeps a duplicate of the descriptor for as long as the
     mapping lives: one descriptor per live segment, so a few thousand
@@ -184,7 +188,7 @@ def map_shared(fd: int, size: int) -> mmap.mmap:
     if sys.version_info >= (3, 13):
         return mmap.mmap(fd, size, trackfd=False)
     libc = _libc
-    if libc is None:
+    if libc is None or kernel_address:
         return mmap.mmap(fd, size)
     try:
         # Never touched, so it costs address space only (and no commit charge).
@@ -203,6 +207,9 @@ def map_shared(fd: int, size: int) -> mmap.mmap:
         mm.close()
     else:
         _stranded.append(mm)
+    if error == errno.EINVAL:
+        # A file that needs an aligned address (hugetlbfs): let the kernel choose.
+        return mmap.mmap(fd, size)
     raise OSError(error, os.strerror(error))
 
 
@@ -237,9 +244,9 @@ class MmapAttachment(Attachment):
 
     def __init__(
         self, fd: int, size: int, identity: Optional[str] = None,
-        st: Optional[os.stat_result] = None,
+        st: Optional[os.stat_result] = None, kernel_address: bool = False,
     ) -> None:
-        self._mmap: Optional[mmap.mmap] = map_shared(fd, size)
+        self._mmap: Optional[mmap.mmap] = map_shared(fd, size, kernel_address)
         self.size = size
         self.buf = memoryview(self._mmap)
         self.identity = identity

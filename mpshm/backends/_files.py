@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from typing import Optional
 
-from ._base import no_space
+from . import _huge
+from ._base import MmapAttachment, fstat_identity, no_space
 
-__all__ = ["check_free", "reserve", "write_all"]
+__all__ = ["after_attach", "check_free", "create_mapped", "reserve", "write_all"]
 
 
 def _is_space_error(exc: OSError) -> bool:
@@ -56,6 +58,12 @@ def check_free(size: int, storage: str, where: Optional[str], remedy: str) -> No
         raise no_space(storage, size, free, remedy)
 
 
+#: Whether posix_fallocate also sizes a new file: on Linux it does (the
+#: fallocate system call's default mode extends the file, and so does glibc's
+#: emulation where a filesystem cannot preallocate).
+_FALLOCATE_SIZES = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
+
+
 def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
     """Size *fd* to *size* bytes and allocate them now, so a later write cannot SIGBUS.
 
@@ -64,16 +72,26 @@ def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str)
     only sized.
     """
     check_free(size, storage, where, remedy)
-    try:
-        os.ftruncate(fd, size)
-        if hasattr(os, "posix_fallocate"):  # not on macOS: nothing to reserve with
+    if _FALLOCATE_SIZES:
+        # A new file is empty: posix_fallocate alone sizes it too (one system
+        # call instead of ftruncate's and its own), on the filesystems that
+        # can preallocate. The others fail without changing anything.
+        try:
             os.posix_fallocate(fd, 0, size)
+            return
+        except OSError as exc:
+            if _is_space_error(exc) or exc.errno == errno.ENOMEM:
+                raise _space_error(size, storage, where, remedy) from None
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.ENOSYS):
+                raise
+    try:
+        os.ftruncate(fd, size)  # (EINVAL on hugetlbfs: a size it cannot take)
     except OSError as exc:
         if _is_space_error(exc):
             raise _space_error(size, storage, where, remedy) from None
-        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.ENOSYS):
-            return
         raise
+    if not _FALLOCATE_SIZES:
+        _fallocate(fd, size, storage, where, remedy)
 
 
 _PWRITE_MAX = 1 << 30  # bytes per pwrite call (Linux caps a call near 2 GiB)
@@ -103,3 +121,80 @@ def write_all(fd: int, data: memoryview, storage: str, where: Optional[str],
             # What this write took is given back when the caller removes the file.
             raise _space_error(size, storage, where, remedy, offset) from None
         raise
+
+
+def _fallocate(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
+    """``posix_fallocate`` of an already sized file, with :func:`reserve`'s errors."""
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if _is_space_error(exc) or exc.errno == errno.ENOMEM:
+            raise _space_error(size, storage, where, remedy) from None
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.ENOSYS):
+            return
+        raise
+
+
+def create_mapped(
+    fd: int, size: int, storage: str, where: Optional[str], remedy: str,
+    huge: Optional[str] = None,
+) -> MmapAttachment:
+    """Reserve *size* bytes for new file *fd* (see :func:`reserve`) and map it.
+
+    *huge* is how the file's filesystem gives huge pages (see
+    :func:`~mpshm.backends._huge.tmpfs_huge`), when the caller asked for
+    them: ``"always"``/``"within_size"`` (mapped where the kernel aligns it
+    for them), ``"hugetlbfs"`` (same; *size* must be a multiple of its page
+    size), ``"advise"`` (also ``madvise(MADV_HUGEPAGE)``, and the space is
+    reserved by prefaulting the mapping for writing, which allocates huge
+    pages where ``posix_fallocate`` would allocate small ones; a full
+    filesystem fails there with ENOSPC, never a SIGBUS later). Anything else:
+    normal pages.
+    """
+    if huge == "advise":
+        check_free(size, storage, where, remedy)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            if _is_space_error(exc):
+                raise _space_error(size, storage, where, remedy) from None
+            raise
+        attachment = MmapAttachment(fd, size, fstat_identity(fd), kernel_address=True)
+        try:
+            assert attachment.buf is not None
+            address = _huge.address_of(attachment.buf)
+            _huge.madvise(address, size, _huge.MADV_HUGEPAGE)
+            error = _huge.madvise(address, size, _huge.MADV_POPULATE_WRITE)
+            if error in (errno.EFAULT, errno.ENOMEM, errno.ENOSPC):
+                taken = os.fstat(fd).st_blocks * 512  # given back when the caller removes it
+                raise _space_error(size, storage, where, remedy, taken)
+            if error:  # an older kernel (EINVAL): reserve as usual
+                _fallocate(fd, size, storage, where, remedy)
+        except BaseException:
+            attachment.close()
+            raise
+        return attachment
+    reserve(fd, size, storage, where, remedy)
+    aligned = huge in ("always", "within_size", "hugetlbfs")
+    attachment = MmapAttachment(fd, size, kernel_address=aligned)
+    st = os.fstat(fd)  # after mapping: see below
+    attachment.identity = f"{st.st_dev}:{st.st_ino}"
+    if st.st_size > size:
+        # hugetlbfs sizes a file to whole huge pages (posix_fallocate and
+        # mmap round up): the segment is that size, as an attach will find it.
+        attachment.close()
+        attachment = MmapAttachment(fd, st.st_size, attachment.identity, kernel_address=True)
+    return attachment
+
+
+def after_attach(attachment: MmapAttachment, huge: Optional[str], prefault: bool) -> None:
+    """Apply ``huge_pages=`` (*huge* as for :func:`create_mapped`) and
+    ``prefault=`` to a new attachment; failures are ignored."""
+    if attachment.buf is None or (huge != "advise" and not prefault):
+        return
+    address = _huge.address_of(attachment.buf)
+    if huge == "advise":
+        _huge.madvise(address, attachment.size, _huge.MADV_HUGEPAGE)
+    if prefault:
+        _huge.madvise(address, attachment.size, _huge.MADV_POPULATE_READ)

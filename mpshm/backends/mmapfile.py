@@ -23,6 +23,7 @@ import stat
 import tempfile
 from typing import Any, Callable, Mapping, Optional
 
+from . import _huge
 from ._base import (
     Attachment,
     Backend,
@@ -33,7 +34,7 @@ from ._base import (
     random_token,
     sized_stat,
 )
-from ._files import reserve, write_all
+from ._files import after_attach, create_mapped, write_all
 
 __all__ = ["MmapBackend", "default_dir"]
 
@@ -100,9 +101,13 @@ class MmapBackend(Backend):
     """Regular files mapped with ``mmap``."""
 
     name = "mmap"
-    option_names = frozenset({"dir"})
+    option_names = frozenset({"dir"}) | _huge.OPTIONS
     unique_names = True
     storage = "the mmap backend's filesystem"
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        super().check_options(options)
+        _huge.check(options)
 
     def _dir(self, options: Mapping[str, Any]) -> str:
         given = options.get("dir")
@@ -174,9 +179,20 @@ class MmapBackend(Backend):
             os.close(fd)
 
     def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        where = os.path.dirname(ident)
+        huge = _huge.tmpfs_huge(where) if _huge.wants_huge(options, size) else None
+
         def fill(fd: int, storage: str) -> Attachment:
-            reserve(fd, size, storage, os.path.dirname(ident), self._REMEDY)
-            return MmapAttachment(fd, size, fstat_identity(fd))
+            try:
+                return create_mapped(fd, size, storage, where, self._REMEDY, huge)
+            except OSError as exc:
+                page = _huge.hugetlbfs_page_size(where) if exc.errno == errno.EINVAL else None
+                if not page:
+                    raise
+            # A hugetlbfs file is a whole number of huge pages: the segment gets
+            # the size rounded up (its ``size`` says so), and always huge pages.
+            rounded = -(-size // page) * page
+            return create_mapped(fd, rounded, storage, where, self._REMEDY, "hugetlbfs")
 
         attachment: Attachment = self._new(ident, options, fill)
         return attachment
@@ -210,9 +226,15 @@ class MmapBackend(Backend):
                 raise ValueError(f"{self.qualified(ident)!r} is not a regular file")
             if st.st_size == 0:
                 raise ValueError(f"the file {ident!r} is empty (size 0): there is nothing to map")
-            return MmapAttachment(fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st)
+            huge = None
+            if _huge.wants_huge(options, st.st_size):
+                huge = _huge.tmpfs_huge(os.path.dirname(ident))
+            attachment = MmapAttachment(fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st,
+                                        kernel_address=huge in _huge.ALIGNED)
         finally:
             os.close(fd)
+        after_attach(attachment, huge, _huge.flag(options, "prefault"))
+        return attachment
 
     def unlink(self, ident: str) -> None:
         try:

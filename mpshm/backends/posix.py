@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import posix_ipc
 
+from . import _huge
 from ._base import (
     Attachment,
     Backend,
@@ -30,7 +31,7 @@ from ._base import (
     random_token,
     sized_stat,
 )
-from ._files import reserve, write_all
+from ._files import after_attach, create_mapped, write_all
 
 __all__ = ["PosixBackend"]
 
@@ -42,6 +43,24 @@ SHM_DIR = "/dev/shm"
 NAME_MAX = 255
 
 
+#: Open and unlink in /dev/shm directly (Linux, where that is all shm_open does).
+_DIRECT = sys.platform.startswith("linux") and os.path.isdir(SHM_DIR)
+_O_SHM = os.O_NOFOLLOW | os.O_CLOEXEC if _DIRECT else 0
+
+
+class _Fd:
+    """An open shared memory object, as posix_ipc's (``fd``, ``close_fd()``)."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close_fd(self) -> None:
+        """Close the descriptor."""
+        os.close(self.fd)
+
+
 def _path(ident: str) -> str:
     """posix_ipc's name for *ident*, which must be a canonical identifier.
 
@@ -49,7 +68,7 @@ def _path(ident: str) -> str:
     crashes the interpreter on a NUL byte or a lone surrogate, and other
     callers (a forged handle, a tracker message) skip parsing.
     """
-    if "\0" in ident or "/" in ident or not is_utf8(ident):
+    if "\0" in ident or "/" in ident or ident in ("", ".", "..") or not is_utf8(ident):
         raise ValueError(f"invalid POSIX shared memory name {ident!r}")
     return "/" + ident
 
@@ -58,8 +77,13 @@ class PosixBackend(Backend):
     """POSIX shared memory objects (``shm_open``), the default backend."""
 
     name = "posix"
+    option_names = _huge.OPTIONS
     unique_names = True
     storage = "/dev/shm (POSIX shared memory)"
+
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        super().check_options(options)
+        _huge.check(options)
 
     def parse(self, ident: str, options: Mapping[str, Any]) -> str:
         self.check_options(options)
@@ -92,9 +116,31 @@ class PosixBackend(Backend):
 
     @staticmethod
     def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
-        """``shm_open`` through posix_ipc, with the standard library's exceptions."""
+        """``shm_open``, with the standard library's exceptions.
+
+        On Linux, ``shm_open`` is an ``open`` in /dev/shm with ``O_NOFOLLOW |
+        O_CLOEXEC`` (glibc's own code): mpshm makes that call itself, which
+        costs a fraction of creating a posix_ipc object. Elsewhere, posix_ipc.
+        """
+        path = _path(ident)
+        if _DIRECT:
+            oflags = (os.O_RDONLY if read_only else os.O_RDWR) | _O_SHM
+            if flags & posix_ipc.O_CREAT:
+                oflags |= os.O_CREAT | (os.O_EXCL if flags & posix_ipc.O_EXCL else 0)
+            try:
+                return _Fd(os.open(SHM_DIR + path, oflags, 0o600))
+            except FileExistsError:
+                raise FileExistsError(
+                    errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
+                ) from None
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    errno.ENOENT, "No such POSIX shared memory segment", ident
+                ) from None
+            except PermissionError as exc:
+                raise PermissionError(errno.EACCES, exc.strerror, ident) from None
         try:
-            return posix_ipc.SharedMemory(_path(ident), flags, mode=0o600, read_only=read_only)
+            return posix_ipc.SharedMemory(path, flags, mode=0o600, read_only=read_only)
         except posix_ipc.ExistentialError:
             if flags & posix_ipc.O_CREAT:
                 raise FileExistsError(
@@ -105,6 +151,15 @@ class PosixBackend(Backend):
             ) from None
         except posix_ipc.PermissionsError as exc:
             raise PermissionError(errno.EACCES, str(exc), ident) from None
+
+    @staticmethod
+    def _unlink(ident: str) -> None:
+        """``shm_unlink`` (an ``unlink`` in /dev/shm on Linux), posix_ipc's exceptions."""
+        path = _path(ident)
+        if _DIRECT:
+            os.unlink(SHM_DIR + path)
+        else:
+            posix_ipc.unlink_shared_memory(path)
 
     _REMEDY = (
         "Free space in /dev/shm, start the container with a larger "
@@ -119,17 +174,18 @@ class PosixBackend(Backend):
             return fill(shm.fd)
         except BaseException:
             try:
-                posix_ipc.unlink_shared_memory("/" + ident)
-            except posix_ipc.Error:
+                self._unlink(ident)
+            except (OSError, posix_ipc.Error):
                 pass
             raise
         finally:
             shm.close_fd()
 
     def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        huge = _huge.tmpfs_huge(SHM_DIR) if _huge.wants_huge(options, size) else None
+
         def fill(fd: int) -> Attachment:
-            reserve(fd, size, self.storage, SHM_DIR, self._REMEDY)
-            return MmapAttachment(fd, size, fstat_identity(fd))
+            return create_mapped(fd, size, self.storage, SHM_DIR, self._REMEDY, huge)
 
         attachment: Attachment = self._new(ident, fill)
         return attachment
@@ -152,18 +208,22 @@ class PosixBackend(Backend):
                     "nothing to map (was it created by something other than mpshm "
                     "or the standard library, and not sized yet?)"
                 )
-            return MmapAttachment(shm.fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st)
+            huge = _huge.tmpfs_huge(SHM_DIR) if _huge.wants_huge(options, st.st_size) else None
+            attachment = MmapAttachment(shm.fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st,
+                                        kernel_address=huge in _huge.ALIGNED)
         finally:
             shm.close_fd()
+        after_attach(attachment, huge, _huge.flag(options, "prefault"))
+        return attachment
 
     def unlink(self, ident: str) -> None:
         try:
-            posix_ipc.unlink_shared_memory(_path(ident))
-        except posix_ipc.ExistentialError:
+            self._unlink(ident)
+        except (FileNotFoundError, posix_ipc.ExistentialError):
             raise FileNotFoundError(
                 errno.ENOENT, "No such POSIX shared memory segment", ident
             ) from None
-        except posix_ipc.PermissionsError as exc:
+        except (PermissionError, posix_ipc.PermissionsError) as exc:
             raise PermissionError(errno.EACCES, str(exc), ident) from None
 
     def identity(self, ident: str) -> Optional[str]:

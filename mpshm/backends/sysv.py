@@ -11,21 +11,25 @@ documented rule:
 
 The kernel zero-fills new SysV segments. ``sysv_ipc`` would then overwrite a
 new segment with spaces (a write of the whole segment); mpshm avoids that by
-creating it read-only (``sysv_ipc`` only fills writable attachments), then
-granting itself write permission and re-attaching.
+making the segment with libc's ``shmget`` itself (through ctypes) and only
+attaching it with ``sysv_ipc``. Where libc cannot be loaded, it creates the
+segment read-only with ``sysv_ipc`` (which only fills writable attachments),
+then grants itself write permission and re-attaches.
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import os
 import re
 import sys
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import sysv_ipc
 
+from . import _huge
 from ._base import Attachment, Backend, SegmentInfo, format_size, is_utf8, no_space, release_view
 
 __all__ = ["SysVBackend", "key_for"]
@@ -107,6 +111,37 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
+class _Libc:
+    """libc's ``shmget`` and ``shmctl`` through ctypes (one system call each,
+    where sysv_ipc needs an attach to find or remove a segment by key)."""
+
+    IPC_RMID = 0
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        self.shmget: Callable[..., int] = libc.shmget
+        libc.shmget.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
+        libc.shmget.restype = ctypes.c_int
+        self.shmctl: Callable[..., int] = libc.shmctl
+        libc.shmctl.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+        libc.shmctl.restype = ctypes.c_int
+
+    @staticmethod
+    def errno() -> int:
+        """errno of this thread's last call."""
+        return ctypes.get_errno() or errno.EINVAL
+
+
+def _load_libc() -> Optional[_Libc]:
+    try:
+        return _Libc()
+    except (OSError, AttributeError):  # pragma: no cover (no such libc)
+        return None
+
+
+_libc = _load_libc()
+
+
 class _Segment(sysv_ipc.SharedMemory):  # type: ignore[misc]
     """A sysv_ipc attachment that detaches itself when garbage-collected.
 
@@ -137,10 +172,18 @@ class SysVAttachment(Attachment):
             release_view(buf)
 
 
+def _advise_huge(segment: _Segment, size: int) -> None:
+    """``huge_pages=``: ask for transparent huge pages on this attachment where
+    ``shmem_enabled`` is ``advise`` (``always``/``within_size`` need nothing)."""
+    if _huge.shmem_thp() == "advise":
+        _huge.madvise(segment.address, size, _huge.MADV_HUGEPAGE)
+
+
 class SysVBackend(Backend):
     """System V shared memory segments."""
 
     name = "sysv"
+    option_names = _huge.OPTIONS
     storage = "System V shared memory"
 
     def parse(self, ident: str, options: Mapping[str, Any]) -> str:
@@ -185,39 +228,101 @@ class SysVBackend(Backend):
         limits = f"kernel.shmmax = {shmmax}, kernel.shmall = {shmall} pages"
         return no_space(f"{self.storage} ({limits}; {refusal})", size, free, _REMEDY)
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        super().check_options(options)
+        _huge.check(options)
+
+    def _refused(self, ident: str, size: int, exc: BaseException) -> BaseException:
+        """The exception for a creation that shmget refused with *exc*."""
+        if isinstance(exc, sysv_ipc.ExistentialError) or (
+                isinstance(exc, OSError) and exc.errno == errno.EEXIST):
+            return FileExistsError(
+                errno.EEXIST,
+                "A System V shared memory segment with that key exists",
+                self.qualified(ident),
+            )
+        if isinstance(exc, sysv_ipc.PermissionsError) or (
+                isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM)):
+            return PermissionError(errno.EACCES, str(exc), self.qualified(ident))
+        # sysv_ipc reports EINVAL (size above kernel.shmmax) as ValueError,
+        # ENOMEM as MemoryError and ENOSPC (kernel.shmall, shmmni) as OSError.
+        if isinstance(exc, OSError) and exc.errno not in (
+                errno.ENOSPC, errno.ENOMEM, errno.EINVAL, None):
+            return exc
+        return self._no_space(size, exc)
+
+    def _shmget_new(self, key: int, size: int, huge: bool) -> int:
+        """A new segment's id (libc's shmget, mode 0600); with *huge*, made with
+        SHM_HUGETLB when enough huge pages are free, else with normal pages."""
+        assert _libc is not None
+        flags = sysv_ipc.IPC_CREX | 0o600
+        if huge:
+            page, free = _huge.hugetlb_pages()
+            if page and free * page >= size:
+                shmid = _libc.shmget(key, size, flags | sysv_ipc.SHM_HUGETLB)
+                if shmid >= 0:
+                    return shmid
+                if _libc.errno() == errno.EEXIST:
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+        shmid = _libc.shmget(key, size, flags)
+        if shmid < 0:
+            error = _libc.errno()
+            raise OSError(error, os.strerror(error))
+        return shmid
+
     def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
         if not 0 < size <= sys.maxsize:  # sysv_ipc would wrap it modulo 2**64
             raise ValueError(f"invalid System V segment size {size}")
         key = _signed(key_for(ident))
+        huge = _huge.wants_huge(options, size)
+        if _libc is None:
+            segment = self._create_readonly(ident, key, size)
+            shmid = segment.id
+        else:
+            try:
+                shmid = self._shmget_new(key, size, huge)
+            except OSError as exc:
+                raise self._refused(ident, size, exc) from None
+            segment = None
         try:
-            # Read-only so that sysv_ipc does not fill the segment with spaces.
+            if segment is None:
+                # Attached by key (sysv_ipc has no attach by id): a segment that
+                # replaced ours meanwhile is told apart by its id.
+                segment = _Segment(key, 0, mode=0o600)
+                if segment.id != shmid:
+                    segment.detach()
+                    raise FileNotFoundError(
+                        errno.ENOENT, "The new System V segment was removed by someone else",
+                        self.qualified(ident))
+            attachment = SysVAttachment(segment)
+            if huge:
+                _advise_huge(segment, size)
+        except BaseException:
+            try:
+                sysv_ipc.remove_shared_memory(shmid)
+            except sysv_ipc.Error:
+                pass
+            raise
+        return attachment
+
+    def _create_readonly(self, ident: str, key: int, size: int) -> _Segment:
+        """Create with sysv_ipc alone: read-only, so that it does not fill the
+        segment with spaces, then writable (the way without libc's shmget)."""
+        try:
             segment = _Segment(key, sysv_ipc.IPC_CREX, mode=0o400, size=size)
-        except sysv_ipc.ExistentialError:
-            raise FileExistsError(
-                errno.EEXIST,
-                "A System V shared memory segment with that key exists",
-                self.qualified(ident),
-            ) from None
-        except sysv_ipc.PermissionsError as exc:
-            raise PermissionError(errno.EACCES, str(exc), self.qualified(ident)) from None
-        except (ValueError, MemoryError, OSError) as exc:
-            # sysv_ipc reports EINVAL (size above kernel.shmmax) as ValueError,
-            # ENOMEM as MemoryError and ENOSPC (kernel.shmall, shmmni) as OSError.
-            if isinstance(exc, OSError) and exc.errno not in (errno.ENOSPC, errno.ENOMEM, None):
-                raise
-            raise self._no_space(size, exc) from None
+        except (sysv_ipc.Error, ValueError, MemoryError, OSError) as exc:
+            raise self._refused(ident, size, exc) from None
         try:
             segment.mode = 0o600
             segment.detach()
             segment.attach()
-            attachment = SysVAttachment(segment)
         except BaseException:
             try:
                 segment.remove()
             except sysv_ipc.Error:
                 pass
             raise
-        return attachment
+        return segment
 
     def _open(self, ident: str, writable: bool) -> _Segment:
         key = _signed(key_for(ident))
@@ -255,6 +360,10 @@ class SysVBackend(Backend):
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
         segment = self._open(ident, writable=True)
         attachment = SysVAttachment(segment)
+        if _huge.wants_huge(options, attachment.size):
+            _advise_huge(segment, attachment.size)
+        if _huge.flag(options, "prefault"):
+            _huge.madvise(segment.address, attachment.size, _huge.MADV_POPULATE_READ)
         # Two more IPC_STATs (sysv_ipc reads one field per call): the owner
         # check needs the segment's owner and mode, which shmget does not give.
         attachment.uid = segment.uid
@@ -262,6 +371,22 @@ class SysVBackend(Backend):
         return attachment
 
     def unlink(self, ident: str) -> None:
+        if _libc is not None:
+            # shmget with no flags finds a segment whatever its mode; IPC_RMID
+            # then checks that we own it. Two system calls, no attach.
+            shmid = _libc.shmget(_signed(key_for(ident)), 0, 0)
+            if shmid >= 0 and _libc.shmctl(shmid, _Libc.IPC_RMID, None) == 0:
+                return
+            error = _libc.errno()
+            if error in (errno.ENOENT, errno.EIDRM, errno.EINVAL):
+                raise FileNotFoundError(
+                    errno.ENOENT, "No such System V shared memory segment", self.qualified(ident)
+                )
+            if error in (errno.EPERM, errno.EACCES):
+                raise PermissionError(
+                    errno.EPERM, "Only the owner (or creator) of a System V segment may "
+                    "remove it", self.qualified(ident))
+            raise OSError(error, os.strerror(error), self.qualified(ident))
         segment = self._open(ident, writable=False)
         try:
             segment.remove()

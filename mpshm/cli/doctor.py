@@ -53,6 +53,7 @@ __all__ = [
     "check_sysv_limits",
     "check_sysv_rmid_forced",
     "check_sysv_usage",
+    "check_thp_gain",
     "check_thp_shmem",
     "format_report",
     "human_size",
@@ -577,6 +578,89 @@ def check_thp_shmem(
     return CheckResult(name, area, title, "info", summary, detail)
 
 
+#: What :func:`check_thp_gain` first-touches, and how long it may take in all.
+THP_TRIAL_SIZE = 64 << 20
+THP_TRIAL_BUDGET = 0.35
+
+
+def _first_touch(size: int, huge: bool) -> tuple[float, bool]:
+    """Seconds to first-touch *size* bytes of fresh anonymous memory (one write
+    per 4 KiB page), with ``MADV_HUGEPAGE`` if *huge*; and whether huge pages
+    were actually used (AnonHugePages of the mapping)."""
+    import mmap
+
+    m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        if huge:
+            m.madvise(mmap.MADV_HUGEPAGE)
+        zeros = bytes(size // 4096)
+        start = time.perf_counter()
+        m[::4096] = zeros
+        elapsed = time.perf_counter() - start
+        used = False
+        if huge:
+            rollup = _read_text("/proc/self/smaps_rollup") or ""
+            found = re.search(r"AnonHugePages:\s+(\d+)", rollup)
+            used = bool(found and int(found.group(1)) > 0)
+        return elapsed, used
+    finally:
+        m.close()
+
+
+def check_thp_gain(
+    sysfs: str = "/sys", proc: str = "/proc", shm_dir: str = "/dev/shm",
+    size: int = THP_TRIAL_SIZE, budget: float = THP_TRIAL_BUDGET,
+) -> CheckResult:
+    """What huge pages would gain here, measured: the time to first-touch
+    *size* bytes of anonymous memory with 4 KiB pages and with
+    ``MADV_HUGEPAGE`` (when anonymous THP allows ``madvise``), and which
+    setting gives segments huge pages (``huge_pages=True``)."""
+    name, area, title = "thp.gain", "Huge pages", "huge page gain"
+    thp = os.path.join(sysfs, "kernel", "mm", "transparent_hugepage")
+    anon = _bracketed(_read_text(os.path.join(thp, "enabled")) or "")
+    shmem = _bracketed(_read_text(os.path.join(thp, "shmem_enabled")) or "")
+    mount = _mount_of(os.path.realpath(shm_dir), _mounts(proc))
+    huge = _option(mount, "huge") if mount is not None and mount.fstype == "tmpfs" else None
+    posix = shmem if shmem in ("deny", "force") else (huge or "never")
+    detail: dict[str, Any] = {"anon_enabled": anon, "size_bytes": size,
+                              "small_pages_s": None, "huge_pages_s": None, "speedup": None}
+    steps = []
+    if shmem not in ("advise", "always", "within_size", "force"):
+        steps.append("echo advise > /sys/kernel/mm/transparent_hugepage/shmem_enabled "
+                     "(System V)")
+    if posix not in ("advise", "always", "within_size", "force"):
+        steps.append(f"mount -o remount,huge=advise {shm_dir} (POSIX)")
+    if steps:
+        advice = "to use them: " + "; ".join(steps) + "; then pass huge_pages=True " \
+                 "(or set MPSHM_HUGE_PAGES=1)"
+    else:
+        advice = "enabled: segments made with huge_pages=True (or MPSHM_HUGE_PAGES=1) use them"
+    detail["advice"] = advice
+    if anon not in ("madvise", "always") or not sys.platform.startswith("linux"):
+        return CheckResult(name, area, title, "info",
+                           f"not measured (anonymous THP is {anon or 'absent'}); {advice}",
+                           detail)
+    small: list[float] = []
+    large: list[float] = []
+    used = False
+    deadline = time.perf_counter() + budget
+    while len(small) < 3 and (not small or time.perf_counter() < deadline):
+        small.append(_first_touch(size, False)[0])
+        elapsed, used_now = _first_touch(size, True)
+        large.append(elapsed)
+        used = used or used_now
+    detail["small_pages_s"], detail["huge_pages_s"] = min(small), min(large)
+    if not used:
+        return CheckResult(name, area, title, "info",
+                           f"not measured (no huge page could be had: memory too "
+                           f"fragmented?); {advice}", detail)
+    speedup = min(small) / min(large)
+    detail["speedup"] = round(speedup, 2)
+    summary = (f"first touch of {human_size(size)}: {min(small) * 1e3:.0f} ms with 4 KiB "
+               f"pages, {min(large) * 1e3:.0f} ms with huge pages ({speedup:.1f}x); {advice}")
+    return CheckResult(name, area, title, "info", summary, detail)
+
+
 def check_hugetlb(proc: str = "/proc") -> CheckResult:
     """Reserved huge pages (``HugePages_Total/Free`` in /proc/meminfo) and hugetlbfs mounts."""
     name, area, title = "hugetlb", "Huge pages", "hugetlbfs"
@@ -1012,6 +1096,7 @@ CHECKS: tuple[Callable[[], CheckResult], ...] = (
     check_sysv_usage,
     check_sysv_rmid_forced,
     check_thp_shmem,
+    check_thp_gain,
     check_hugetlb,
     check_max_map_count,
     check_open_files,
@@ -1276,7 +1361,11 @@ warning or a problem, the remedy in one line:
   System V          kernel.shmmax, kernel.shmall, kernel.shmmni; segments and bytes
                     in use (/proc/sysvipc/shm); kernel.shm_rmid_forced
   Huge pages        transparent huge pages for shmem (shmem_enabled, /dev/shm's
-                    huge= option); reserved huge pages and hugetlbfs mounts
+                    huge= option); what huge pages would gain, measured (first
+                    touch of 64 MiB with and without MADV_HUGEPAGE, about 0.3 s)
+                    and the settings that give segments made with
+                    huge_pages=True huge pages; reserved huge pages and
+                    hugetlbfs mounts
   Process limits    vm.max_map_count (each mapped segment is a map), the open-file
                     limit (ulimit -n), the address-space limit (ulimit -v)
   Memory cgroup     a memory limit below /dev/shm's size (OOM kill instead of ENOSPC)
