@@ -118,7 +118,18 @@ def raw_attach(backend: str, name: str) -> Callable[[], None]:
 
 def measure(repeat: int, calls: int = 300) -> list[dict[str, Any]]:
     """Every lifecycle figure (printed as it comes): a row per operation,
-    with the raw calls' time and mpshm's (and others') time and ratio."""
+    with the raw calls' time and mpshm's (and others') time and ratio.
+    The raw mmap files live in a directory that exists only meanwhile (not
+    made at import: spawned workers of ``peers.py`` import this module)."""
+    global DIR
+    DIR = tempfile.mkdtemp(prefix="mpshm-bench-")
+    try:
+        return _measure(repeat, calls)
+    finally:
+        os.rmdir(DIR)
+
+
+def _measure(repeat: int, calls: int) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
 
     def row(what: str, baseline: float, **candidates: float) -> None:
@@ -188,10 +199,7 @@ def main() -> None:
 
 
 FILL = bytes(LARGE)
-DIR = tempfile.mkdtemp(prefix="mpshm-bench-")
+DIR = ""  # made by measure() for its raw mmap files
 
 if __name__ == "__main__":
-    try:
-        main()
-    finally:
-        os.rmdir(DIR)
+    main()

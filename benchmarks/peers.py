@@ -437,10 +437,7 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{_cache.default_limit() >> 20} MiB warm-segment limit; medians of "
           f"{args.repeat} rounds\n")
     print("== lifecycle (mpshm against the raw library calls)")
-    try:
-        life = lifecycle.measure(args.repeat, calls=30 if args.quick else 300)
-    finally:
-        os.rmdir(lifecycle.DIR)
+    life = lifecycle.measure(args.repeat, calls=30 if args.quick else 300)
     copy_size = max(sizes)
     print(f"\n== copy-in of {label(copy_size)} ({backend})")
     copy = copy_in(copy_size, backend, args.repeat)
