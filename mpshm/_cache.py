@@ -153,7 +153,7 @@ class _Sweeper:
             os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._caches: weakref.WeakSet[Any] = weakref.WeakSet()
         self._thread: Optional[threading.Thread] = None
 
@@ -212,7 +212,7 @@ class MappingCache:
             os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._entries: collections.OrderedDict[tuple[str, str], _Mapped] = (
             collections.OrderedDict()
         )
@@ -354,7 +354,7 @@ class WarmSegments:
         self._destroy = destroy
         self.limit = default_limit() if limit is None else limit
         self.idle = IDLE_SECONDS if idle is None else idle
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._entries: dict[tuple[str, str], Warm] = {}
         self._cached = 0  # bytes of free and done entries
         self._result_sizes: collections.deque[int] = collections.deque(maxlen=4)

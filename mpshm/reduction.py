@@ -176,7 +176,8 @@ class _Region:
         self.address: Optional[int] = None
 
 
-_lock = threading.Lock()
+# Reentrant: weakref callbacks (a slab freed, say) may run while it is held.
+_lock = threading.RLock()
 # Mapping owner (an mmap, a SysV attachment) -> where it is and what it maps.
 _regions: weakref.WeakKeyDictionary[Any, _Region] = weakref.WeakKeyDictionary()
 # (backend, ident) -> mapping owner, to reuse a live mapping on unpickling.
@@ -362,7 +363,7 @@ class _Reaper:
             queue.SimpleQueue()
         )
         self._thread: Optional[threading.Thread] = None
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._watched: set[tuple[str, str]] = set()
 
     def watch(self, owner: Any, backend: str, ident: str) -> None:

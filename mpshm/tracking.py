@@ -107,7 +107,9 @@ class _Client:
     def __init__(self, op: str = "reg", extra: Optional[dict[str, str]] = None) -> None:
         self._op = op
         self._extra = extra
-        self._lock = threading.Lock()
+        # Reentrant: a segment freed by a weakref callback (a slab, say) may
+        # unregister while this thread is in the middle of a send.
+        self._lock = threading.RLock()
         self._sock: Optional[socket.socket] = None
         self._pid: Optional[int] = None
         # Registrations made by this process: (backend, ident) -> message.
@@ -117,7 +119,7 @@ class _Client:
         # The inherited socket still reaches the parent's tracker (sharing it
         # is what keeps the tracker waiting for us). Our registrations start
         # empty: the parent's belong to the parent.
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._held = {}
         self._pid = None
 

@@ -207,3 +207,27 @@ def test_parent_killed_with_warm_segments_leaves_nothing(backend, method):
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_slab_freed_while_the_pickler_searches_does_not_deadlock(backend):
+    """A weakref callback can free a small array's slab (destroying it) in the
+    middle of the pickler's search of this process's mappings, in the same
+    thread: that once deadlocked a pool's task thread."""
+    import threading
+
+    from mpshm import reduction
+
+    arr = mnp.zeros(16, backend=backend)  # the only chunk of its slab
+    name = mnp.segment_name(arr)
+    done = threading.Event()
+
+    def free_while_searching():
+        with reduction._lock:  # as find() holds it while weakrefs are committed
+            nonlocal arr
+            del arr  # frees the chunk, destroys the slab: takes the lock again
+        done.set()
+
+    thread = threading.Thread(target=free_while_searching, daemon=True)
+    thread.start()
+    assert done.wait(10), "freeing a slab under the mapping lock deadlocked"
+    wait_until(lambda: not exists(name), 5)
