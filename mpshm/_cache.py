@@ -33,7 +33,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import os
-import sys
 import threading
 import time
 import weakref
@@ -97,42 +96,10 @@ def lease_view(owned: Any, readonly: bool) -> memoryview:
     return view.toreadonly() if readonly else view
 
 
-# --------------------------------------------------------------------------
-# Identity of a storage object, cheaply
-
-_shmget: Optional[Callable[..., int]] = None
-
-
-def _sysv_id(key: int) -> Optional[str]:
-    global _shmget
-    if _shmget is None:
-        function = ctypes.CDLL(None, use_errno=True).shmget
-        function.restype = ctypes.c_int
-        function.argtypes = [ctypes.c_int, ctypes.c_size_t, ctypes.c_int]
-        _shmget = function
-    if key >= 1 << 31:
-        key -= 1 << 32
-    shmid = _shmget(key, 0, 0)
-    return None if shmid < 0 else str(shmid)
-
-
 def current_identity(backend: str, ident: str) -> Optional[str]:
     """The identity (see :meth:`mpshm.backends.Backend.identity`) of the
-    object named *ident* now, or None if there is none: one system call for
-    the built-in backends."""
-    try:
-        if backend == "posix" and sys.platform.startswith("linux"):
-            st = os.stat("/dev/shm/" + ident)
-            return f"{st.st_dev}:{st.st_ino}"
-        if backend == "mmap":
-            st = os.stat(ident)
-            return f"{st.st_dev}:{st.st_ino}"
-        if backend == "sysv" and sys.platform.startswith("linux"):
-            from .backends.sysv import key_for
-
-            return _sysv_id(key_for(ident))
-    except (OSError, ValueError):
-        return None
+    object named *ident* now, or None if there is none or it cannot be
+    told (one system call for the built-in backends)."""
     from . import backends
 
     try:
@@ -347,10 +314,9 @@ class WarmSegments:
     """
 
     def __init__(
-        self, registry: Any, destroy: Callable[[list[Segment]], None],
+        self, destroy: Callable[[list[Segment]], None],
         limit: Optional[int] = None, idle: Optional[float] = None,
     ) -> None:
-        self.registry = registry
         self._destroy = destroy
         self.limit = default_limit() if limit is None else limit
         self.idle = IDLE_SECONDS if idle is None else idle
@@ -435,8 +401,7 @@ class WarmSegments:
                             machine(), shareable=False)
 
     def add(self, segment: Segment, owner: Any = None, state: str = OUT) -> Warm:
-        """Start tracking *segment* (made by this process, registered with
-        :attr:`registry`), in *state*."""
+        """Start tracking *segment* (registered with the pool's scope), in *state*."""
         warm = Warm(segment, owner, "new")
         with self._lock:
             self._entries[(segment.backend.name, segment.ident)] = warm

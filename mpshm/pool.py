@@ -314,7 +314,7 @@ class _Sharing:
         self.pid = os.getpid()  # the owner: the pool's parent
         self._setup()
         if self.cache_bytes != 0:
-            self.warm = _cache.WarmSegments(self.scope, self._destroy, self.cache_bytes)
+            self.warm = _cache.WarmSegments(self._destroy, self.cache_bytes)
 
     def _destroy(self, segments: list[reduction.Segment]) -> None:
         reduction.reaper.later(reduction.discard, segments, self.scope)
@@ -450,16 +450,23 @@ class _Sharing:
                 extra = self._released()
         return reduction.envelope(file.getvalue(), pickler.descriptors, about, extra)
 
+    def _own_leases(self) -> list[tuple[str, str, Any]]:
+        """(A worker) this process's leases of task arguments (those a fork
+        inherited are the parent process's, not ours to report)."""
+        if self._leases_pid != os.getpid():
+            self.leases, self._leases_pid = [], os.getpid()
+        return self.leases
+
     def _released(self) -> Optional[dict[str, Any]]:
         """(A worker) task arguments whose views are all gone, to report."""
-        if self._leases_pid != os.getpid():  # inherited by a fork: not ours
-            self.leases, self._leases_pid = [], os.getpid()
-            return None
-        released = [(b, i) for b, i, ref in self.leases if ref() is None]
+        released: list[tuple[str, str, Any]] = []
+        alive: list[tuple[str, str, Any]] = []
+        for entry in self._own_leases():
+            (alive if entry[2]() is not None else released).append(entry)
         if not released:
             return None
-        self.leases = [entry for entry in self.leases if entry[2]() is not None]
-        return {"released": released}
+        self.leases = alive
+        return {"released": [(backend, ident) for backend, ident, _ in released]}
 
     # -- receiving
 
@@ -475,9 +482,7 @@ class _Sharing:
             if owner:
                 receiving.warm = self.warm
             else:
-                if self._leases_pid != os.getpid():
-                    self.leases, self._leases_pid = [], os.getpid()
-                receiving.leases = self.leases
+                receiving.leases = self._own_leases()
                 if about is not None and about[-1] == "task":
                     spares = [] if extra is None else extra.get("spares", [])
                     self.spares = [spare for spare in spares

@@ -153,9 +153,12 @@ def test_idle_warm_segments_are_given_back(backend, monkeypatch):
 def test_cache_bytes_bounds_the_warm_segments(backend):
     with mpshm.Pool(1, backend=backend, cache_bytes=3 * N * 8 // 2) as p:
         warm = p._mpshm_context._sharing.warm
+        seen = 0
         for value in range(1, 8):
             assert p.apply(total, (np.full(N, float(value)),)) == value * N
             assert warm.cached_bytes <= 3 * N * 8 // 2
+            seen = max(seen, warm.cached_bytes)
+        assert seen == N * 8  # one segment kept (two would not fit), not none
 
 
 def test_cache_bytes_bad_input():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 from typing import Any, Callable, Mapping, Optional
 
@@ -227,6 +228,12 @@ class PosixBackend(Backend):
             raise PermissionError(errno.EACCES, str(exc), ident) from None
 
     def identity(self, ident: str) -> Optional[str]:
+        if _DIRECT:  # one lstat (a symlink is not a segment: shm_open does not follow it)
+            try:
+                st = os.lstat(SHM_DIR + _path(ident))
+            except OSError:
+                return None
+            return f"{st.st_dev}:{st.st_ino}" if stat.S_ISREG(st.st_mode) else None
         try:
             shm = self._open(ident, read_only=True)
         except OSError:

@@ -397,6 +397,12 @@ class SysVBackend(Backend):
 
     def identity(self, ident: str) -> Optional[str]:
         key = key_for(ident)
+        if _libc is not None:  # one shmget; the listing below if we may not see it
+            shmid = _libc.shmget(_signed(key), 0, 0)
+            if shmid >= 0:
+                return str(shmid)
+            if _libc.errno() == errno.ENOENT:
+                return None
         entries = _proc_segments()
         if entries is not None:
             for entry in entries:
