@@ -29,7 +29,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from helpers import exists
 
@@ -547,10 +547,25 @@ def _survivor_check(name: str) -> int:
     return size
 
 
+#: How long a victim that the driver kills works at most: far longer than any
+#: delay before the kill, so that the kill comes mid-work however fast the
+#: machine is (a victim that finishes first counts as ``finished_before_kill``).
+_VICTIM_SECONDS = 30.0
+
+
+def _until_killed() -> Iterator[int]:
+    """0, 1, 2, ... for :data:`_VICTIM_SECONDS` at most."""
+    deadline = time.monotonic() + _VICTIM_SECONDS
+    i = 0
+    while time.monotonic() < deadline:
+        yield i
+        i += 1
+
+
 def _victim_create(backend: str, rng: random.Random, survivors: list[str], _out: int,
                    _driver_kills: bool) -> None:
-    held = []
-    for i in range(400):
+    held: list[mpshm.SharedMemory] = []
+    for i in _until_killed():
         size = rng.choice([1, 100, 4096, 64 * KiB, 256 * KiB])
         shm = mpshm.SharedMemory(create=True, size=size, backend=backend)
         shm.buf[:] = pattern(shm.name, size)
@@ -559,6 +574,8 @@ def _victim_create(backend: str, rng: random.Random, survivors: list[str], _out:
             shm.unlink()
         else:
             held.append(shm)  # left to the tracker
+            if len(held) > 200:  # (bounded: the victim works until it is killed)
+                held.pop(0).close()
         if i % 20 == 0:
             _survivor_check(rng.choice(survivors))
 
@@ -566,7 +583,7 @@ def _victim_create(backend: str, rng: random.Random, survivors: list[str], _out:
 def _victim_pickle(backend: str, rng: random.Random, survivors: list[str], _out: int,
                    _driver_kills: bool) -> None:
     kept = []
-    for i in range(400):
+    for i in _until_killed():
         size = rng.choice([4 * KiB, 64 * KiB, 256 * KiB])
         data = pattern(f"pickle{i}", size)
         blob = reduction.dumps(memoryview(bytearray(data)), threshold=4 * KiB, backend=backend)
@@ -574,6 +591,8 @@ def _victim_pickle(backend: str, rng: random.Random, survivors: list[str], _out:
             view = reduction.loads(blob)
             assert bytes(view) == data
             kept.append(view)
+            if len(kept) > 200:
+                del kept[0]
         # else never loaded: the tracker destroys its segment when the program is over
         if i % 10 == 0:
             shm = mpshm.SharedMemory(rng.choice(survivors))
@@ -753,6 +772,11 @@ def faults(scenario: str, trials: int, seed: int, max_delay: float) -> None:
     """*trials* victims (forked, each a program of its own with its own tracker),
     each SIGKILLed at a random moment, on the backends in turn."""
     assert os.environ.get("MPSHM_TRACKER") is None
+    # The victims' trackers (and pool workers) outlive their killed starters:
+    # as their subreaper the driver can wait for every one of them to end
+    # before counting what is left (a tracker slow to start under load may
+    # still be making its journal when the storage first looks clean).
+    _become_subreaper()
     rng = random.Random(seed)
     survivors = _Survivors()
     names = sorted(survivors.names)
@@ -818,10 +842,9 @@ def faults(scenario: str, trials: int, seed: int, max_delay: float) -> None:
             intact += message.get("intact", 0)
             if message.get("error"):
                 errors[message["error"]] = errors.get(message["error"], 0) + 1
-    # Every victim's tracker cleans up once its program is over: wait for them.
-    deadline = time.monotonic() + 20
-    while _segments(storage_left(survivors.names)) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # Every victim's tracker cleans up once its program is over: wait for them
+    # (and for everything else the victims started) to end.
+    still_running = _reap_descendants(60)
     left = storage_left(survivors.names)
     cleanup = time.monotonic() - start
     quiet_deaths = _read_logs(logs)
@@ -834,7 +857,59 @@ def faults(scenario: str, trials: int, seed: int, max_delay: float) -> None:
            orphans_seen_after_kills=orphans, worker_tracebacks_after_parent_kill=quiet_deaths,
            segments_left=len(_segments(left)), left=_segments(left)[:10],
            left_at_end=left_at_end, stdlib_semaphores_left=semaphores,
-           seconds=round(cleanup, 2))
+           processes_still_running=still_running, seconds=round(cleanup, 2))
+
+
+def _become_subreaper() -> None:
+    """Orphans among this process's descendants become its children
+    (``PR_SET_CHILD_SUBREAPER``), so that it can wait for them."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+
+
+def _reap_descendants(timeout: float) -> list[str]:
+    """Wait until every child (orphaned descendants included, see
+    :func:`_become_subreaper`) has ended; SIGKILL those still running after
+    *timeout* seconds and return their command lines."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                time.sleep(0.02)
+        except ChildProcessError:
+            return []
+    running = []
+    for pid in _children():
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                running.append(f.read().replace(b"\0", b" ").decode(errors="replace")[:200])
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    while True:
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return running
+
+
+def _children() -> list[int]:
+    """This process's children (from /proc)."""
+    me = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                found.append(int(entry))
+    return found
 
 
 def _segments(entries: list[str]) -> list[str]:

@@ -48,6 +48,7 @@ def test_sigkill_at_random_moments(scenario):
                                seed=SEED, max_delay=MAX_DELAY[scenario])
     print(line("FAULTS", f"sigkill[{scenario}]", {**figures, "seed": SEED}))
     assert figures["trials"] == TRIALS
+    assert figures["processes_still_running"] == []  # every tracker ended
     assert figures["segments_left"] == 0, figures["left"]
     assert figures["left_at_end"] == []
     # A kill inside sem_open (a multiprocessing lock being made) can leave the
