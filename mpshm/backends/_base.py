@@ -174,7 +174,11 @@ def map_shared(fd: int, size: int, kernel_address: bool = False) -> mmap.mmap:
 
     With *kernel_address*, the kernel chooses the address for the file
     itself (aligned for huge pages; hugetlbfs needs it): before Python 3.13
-    that mapping keeps a duplicate descriptor.
+    that mapping keeps a duplicate descriptor. Callers must pass it for a
+    file whose block size is larger than a page (hugetlbfs): the kernel
+    rounds such a mapping's length up to a whole huge page, so mapping it
+    over a placeholder of *size* bytes (see below) would map over whatever
+    follows the placeholder, whenever the placeholder happens to be aligned.
 
     CPython's mmap keeps a duplicate of the descriptor for as long as the
     mapping lives: one descriptor per live segment, so a few thousand
@@ -246,6 +250,8 @@ class MmapAttachment(Attachment):
         self, fd: int, size: int, identity: Optional[str] = None,
         st: Optional[os.stat_result] = None, kernel_address: bool = False,
     ) -> None:
+        if st is not None and st.st_blksize > mmap.PAGESIZE:
+            kernel_address = True  # hugetlbfs (see map_shared)
         self._mmap: Optional[mmap.mmap] = map_shared(fd, size, kernel_address)
         self.size = size
         self.buf = memoryview(self._mmap)

@@ -9,6 +9,7 @@ the mmap backend works where that package is not installed.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import sys
 from typing import Optional
@@ -176,16 +177,19 @@ def create_mapped(
             raise
         return attachment
     reserve(fd, size, storage, where, remedy)
+    st = os.fstat(fd)
+    if st.st_blksize > mmap.PAGESIZE and where is not None:
+        page = _huge.hugetlbfs_page_size(where)
+        if page and size % page:
+            # A hugetlbfs file is mapped in whole huge pages: the segment is
+            # that size, as an attach will find it. (Mapped at *size*, it
+            # could never be unmapped: a hugetlb mapping cannot be split
+            # inside a huge page.) posix_fallocate reserved those pages.
+            size = -(-size // page) * page
+            os.ftruncate(fd, size)
+            huge = "hugetlbfs"
     aligned = huge in ("always", "within_size", "hugetlbfs")
-    attachment = MmapAttachment(fd, size, kernel_address=aligned)
-    st = os.fstat(fd)  # after mapping: see below
-    attachment.identity = f"{st.st_dev}:{st.st_ino}"
-    if st.st_size > size:
-        # hugetlbfs sizes a file to whole huge pages (posix_fallocate and
-        # mmap round up): the segment is that size, as an attach will find it.
-        attachment.close()
-        attachment = MmapAttachment(fd, st.st_size, attachment.identity, kernel_address=True)
-    return attachment
+    return MmapAttachment(fd, size, f"{st.st_dev}:{st.st_ino}", st, kernel_address=aligned)
 
 
 def after_attach(attachment: MmapAttachment, huge: Optional[str], prefault: bool) -> None:
