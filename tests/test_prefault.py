@@ -105,3 +105,45 @@ def test_prefault_is_an_attach_option_that_creation_accepts(
 
 def test_madvise_reports_errno() -> None:
     assert _huge.madvise(0, 4096, -1) == errno.EINVAL
+
+
+def test_sysv_copy_in_faults_the_segment_in_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A System V copy (the sharing pickler's) asks the kernel to fault the
+    new segment in at once, then copies; if the kernel says there is no
+    memory for it, a clear error and no segment left, never an OOM copy."""
+    from mpshm import backends
+
+    sysv = backends.get("sysv")
+    calls: list[tuple[int, int]] = []
+    real = _huge.madvise
+
+    def spy(address: int, length: int, advice: int) -> int:
+        calls.append((length, advice))
+        return real(address, length, advice)
+
+    monkeypatch.setattr(_huge, "madvise", spy)
+    data = memoryview(bytes(range(256)) * 4096)  # 1 MiB
+    ident = sysv.generate({})
+    sysv.create_from(ident, data, {})
+    try:
+        assert calls == [(MiB, _huge.MADV_POPULATE_WRITE)]
+        shm = mpshm.SharedMemory(sysv.qualified(ident))
+        assert bytes(shm.buf) == bytes(data)
+        shm.close()
+    finally:
+        sysv.unlink(ident)
+    calls.clear()
+    small = memoryview(b"x" * (16 << 10))
+    ident = sysv.generate({})
+    sysv.create_from(ident, small, {})
+    try:
+        assert calls == []  # not worth a system call
+    finally:
+        sysv.unlink(ident)
+
+    monkeypatch.setattr(_huge, "madvise", lambda address, length, advice: errno.ENOMEM)
+    ident = sysv.generate({})
+    with pytest.raises(OSError, match="Not enough memory to fill a new System V segment") as info:
+        sysv.create_from(ident, data, {})
+    assert info.value.errno == errno.ENOMEM
+    assert sysv.identity(ident) is None  # removed
