@@ -22,7 +22,12 @@ from typing import Any, Iterable, Optional
 from . import _journal, _protocol
 
 _POLL = 0.05  # seconds between checks of watched processes
-_BATCH = 0.005  # seconds between reads while messages flow
+_BATCH = 0.005  # seconds between reads while messages flow (at most)
+_BATCH_MIN = 0.0002  # ... and at least (see Tracker.run)
+#: Messages a read should find at most: a Unix socket queues a few hundred
+#: small packets (its send buffer counts each at about 1 KiB) before the
+#: sender blocks, so the pause between reads shrinks as messages come faster.
+_BATCH_TARGET = 64
 _IDLE = 0.5  # seconds without messages before waiting for the next one
 _GONE = 4096  # unregistrations of unknown keys remembered (see Tracker.gone)
 _SETTLE_ROUNDS = 100  # reads of whatever is pending before applying ended connections
@@ -139,6 +144,8 @@ class Tracker:
         self.ended: list[socket.socket] = []
         self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
         self.watched: dict[int, str] = {}
+        #: Messages read in the current round (see :meth:`run`).
+        self.received = 0
         if parent is not None:
             start = start_time(parent)
             if start is not None:
@@ -264,6 +271,7 @@ class Tracker:
             try:
                 data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
+                self.received += len(messages)
                 self.handle(messages, conn)
                 return received
             except OSError:
@@ -272,6 +280,7 @@ class Tracker:
                 break
             received = True
             messages.extend(decoder.feed(data))
+        self.received += len(messages)
         self.handle(messages, conn)
         selector.unregister(conn)
         del self.conns[conn]
@@ -307,19 +316,25 @@ class Tracker:
         message to a tracker that is not waiting pays no cross-process
         wake-up, which would otherwise cost more than creating the segment.
         After ``_IDLE`` seconds without messages it waits again (costing
-        nothing while the program does not create or unlink segments).
+        nothing while the program does not create or unlink segments). The
+        pause between reads is sized for about ``_BATCH_TARGET`` messages
+        a read, so that a program creating segments quickly never waits for a
+        full socket buffer to drain (that made a tracked create of a small
+        segment cost nearly twice as much as one with the tracker keeping up).
         """
         with selectors.DefaultSelector() as selector:
             selector.register(self.listener, selectors.EVENT_READ)
             for conn in self.conns:
                 selector.register(conn, selectors.EVENT_READ)
             last_message = -_IDLE
+            pause = _BATCH
             while True:
                 if time.monotonic() - last_message < _IDLE:
-                    time.sleep(_BATCH)
+                    time.sleep(pause)
                     timeout: Optional[float] = 0
                 else:
                     timeout = None if self.conns and not self.watched else _POLL
+                self.received = 0
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.listener:
                         self._accept(selector)
@@ -327,6 +342,11 @@ class Tracker:
                         last_message = time.monotonic()
                 if self.ended and self._settle(selector):
                     last_message = time.monotonic()
+                if self.received:
+                    wanted = pause * _BATCH_TARGET / self.received
+                    pause = min(_BATCH, max(_BATCH_MIN, wanted, pause / 4))
+                else:
+                    pause = _BATCH
                 self.journal.flush(self.entries)
                 # Before deciding, take in whoever connected meanwhile.
                 if not self.conns and not self.still_running() and not selector.select(0):
