@@ -73,6 +73,22 @@ if __name__ == "__main__":
 shm_names = sorted(n for n in os.listdir("/dev/shm") if not n.startswith("sem."))
 assert shm_names == sorted([big.name, "mmapdir"]), shm_names
 
+# A full tmpfs: even a one-page segment (reserved by writing it) fails at
+# creation, on both file backends, and leaves nothing behind.
+filler = os.open("/dev/shm/filler", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+try:
+    while True:
+        os.write(filler, b"\0" * 4096)
+except OSError as exc:
+    assert exc.errno == errno.ENOSPC, repr(exc)
+os.close(filler)
+print("SMALL", expect_enospc(size=4096))
+print("SMALLMMAP", expect_enospc(size=4096, backend="mmap", dir=directory))
+assert os.listdir(directory) == []
+os.unlink("/dev/shm/filler")
+shm_names = sorted(n for n in os.listdir("/dev/shm") if not n.startswith("sem."))
+assert shm_names == sorted([big.name, "mmapdir"]), shm_names
+
 small = mpshm.SharedMemory(create=True, size=512 << 10, backend="sysv")
 small.buf[:] = b"\x02" * small.size
 small.close(); small.unlink()
@@ -119,4 +135,71 @@ def test_small_tmpfs_gives_enospc_not_sigbus():
     assert "/dev/shm" in lines["PICKLER"] and "8.0 MiB" in lines["PICKLER"]
     assert "6.0 MiB" in lines["PICKLER"]  # free, counting what the failed write took
     assert "8.0 MiB" in lines["POOL"]
+    assert "/dev/shm" in lines["SMALL"] and "4.0 KiB" in lines["SMALL"]
+    assert "/dev/shm/mmapdir" in lines["SMALLMMAP"] and "4.0 KiB" in lines["SMALLMMAP"]
     assert result.stdout.strip().endswith("OK")
+
+
+DISK_PROGRAM = r"""
+import errno, os, sys
+import mpshm
+
+directory = sys.argv[1]
+kept = [mpshm.SharedMemory(create=True, size=size, backend="mmap", dir=directory)
+        for size in (4096, 64 << 10, 1 << 20)]
+filler = os.open(os.path.join(directory, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+for chunk in (65536, 512):  # to the last block (they may be 1 KiB here)
+    try:
+        while True:
+            os.write(filler, b"\0" * chunk)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC, repr(exc)
+os.close(filler)
+for size in (1, 4096, 64 << 10, 1 << 20):
+    try:
+        mpshm.SharedMemory(create=True, size=size, backend="mmap", dir=directory)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC and directory in str(exc), repr(exc)
+    else:
+        raise SystemExit(f"no ENOSPC for {size} bytes")
+names = sorted(os.path.basename(shm.name) for shm in kept)
+assert sorted(os.listdir(directory)) == sorted(names + ["filler"]), os.listdir(directory)
+for shm in kept:  # their space was taken at creation: writing them cannot SIGBUS
+    shm.buf[:] = b"\x03" * shm.size
+    shm.close()
+    shm.unlink()
+print("OK")
+"""
+
+
+def test_full_disk_gives_enospc_at_creation(tmp_path):
+    """The mmap backend on a disk filesystem (a 16 MiB ext4 image, mounted
+    in a private namespace): segments made before the disk filled up keep
+    their space (writing them is no SIGBUS), and any made after, small or
+    large, fail at creation with ENOSPC."""
+    tools = [shutil.which(tool) for tool in ("unshare", "mkfs.ext4")]
+    if not all(tools) or os.geteuid() != 0:
+        if os.environ.get("MPSHM_REQUIRE_UNSHARE"):
+            pytest.fail("root, unshare and mkfs.ext4 are needed for this test")
+        pytest.skip("root, unshare and mkfs.ext4 are needed for this test")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    made = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True,
+                          text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    point = tmp_path / "disk"
+    point.mkdir()
+    shell = 'mount -o loop "$1" "$2" && mkdir -m 0700 "$2/d" && exec "$3" -c "$4" "$2/d"'
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    env.pop("MPSHM_TRACKER", None)
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", shell, "sh",
+         str(image), str(point), sys.executable, textwrap.dedent(DISK_PROGRAM)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    if result.returncode != 0 and "mount" in result.stderr and not result.stdout:
+        if os.environ.get("MPSHM_REQUIRE_UNSHARE"):
+            pytest.fail(f"cannot mount an ext4 image: {result.stderr.strip()}")
+        pytest.skip(f"cannot mount an ext4 image here: {result.stderr.strip()}")
+    assert result.returncode == 0 and result.stdout == "OK\n", result.stdout + result.stderr

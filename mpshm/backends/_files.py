@@ -65,6 +65,34 @@ def check_free(size: int, storage: str, where: Optional[str], remedy: str) -> No
 _FALLOCATE_SIZES = sys.platform.startswith("linux") and hasattr(os, "posix_fallocate")
 
 
+#: Up to this size a new file is reserved by writing zeros into it: one
+#: ``pwrite`` sizes it and takes its space (filesystems that allocate on
+#: write, ext4, XFS and btrfs among them, reserve the blocks then, and fail
+#: with ENOSPC there), several times cheaper than ``posix_fallocate`` on a
+#: disk (70 us against 9 us for 4 KiB on ext4), as cheap on tmpfs. Larger
+#: files are preallocated, which writes no data.
+_ZEROS_UP_TO = 64 << 10
+_ZEROS = bytes(_ZEROS_UP_TO)
+
+
+def _write_zeros(fd: int, size: int, storage: str, where: Optional[str],
+                 remedy: str) -> bool:
+    """Write *size* zero bytes at the start of new file *fd*; False where the
+    filesystem takes no ``write`` (hugetlbfs): reserve it another way."""
+    zeros = memoryview(_ZEROS)
+    done = 0
+    try:
+        while done < size:
+            done += os.pwrite(fd, zeros[done:size], done)
+    except OSError as exc:
+        if _is_space_error(exc):
+            raise _space_error(size, storage, where, remedy) from None
+        if exc.errno in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.ENOSYS):
+            return False
+        raise
+    return True
+
+
 def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
     """Size *fd* to *size* bytes and allocate them now, so a later write cannot SIGBUS.
 
@@ -73,6 +101,8 @@ def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str)
     only sized.
     """
     check_free(size, storage, where, remedy)
+    if size <= _ZEROS_UP_TO and _write_zeros(fd, size, storage, where, remedy):
+        return
     if _FALLOCATE_SIZES:
         # A new file is empty: posix_fallocate alone sizes it too (one system
         # call instead of ftruncate's and its own), on the filesystems that
