@@ -80,11 +80,13 @@ def test_peers_benchmark_runs(tmp_path):
     methods = {(r["direction"], r["method"]) for r in figures["rows"]}
     core = {"pool-pickle", "executor-pickle", "stdlib-shm", "mpshm-posix", "mpshm-sysv",
             "mpshm-mmap", "in-process"}
-    assert {("send", m) for m in core | {"preshared"}} <= methods
+    assert {("send", m) for m in core | {"preshared", "in-process-shared"}} <= methods
     assert {("return", m) for m in core} <= methods
     assert all(r["ms"] > 0 and r["x_memcpy"] > 0 for r in figures["rows"])
     assert {r["what"].split(":")[0] for r in figures["lifecycle"]} == {"posix", "sysv", "mmap"}
-    assert figures["copy_in"]["reused"] > 0 and figures["copy_in"]["fresh"] > 0
+    assert set(figures["copy_in"]) == {"posix", "sysv", "mmap"}
+    assert all(c["reused"] > 0 and c["fresh"] > 0 and c["memcpy"] > 0
+               for c in figures["copy_in"].values())
     assert figures["small"]["arrays"] == 10_000 and figures["small"]["segments"] < 100
     assert figures["targets"] and all(
         t["verdict"] in ("PASS", "FAIL", "n/a") for t in figures["targets"])

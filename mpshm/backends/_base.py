@@ -348,6 +348,7 @@ class Backend(abc.ABC):
         attachment = self.create(ident, data.nbytes, options)
         try:
             assert attachment.buf is not None
+            self._before_copy(ident, attachment)
             attachment.buf[: data.nbytes] = data
         except BaseException:
             try:
@@ -358,6 +359,12 @@ class Backend(abc.ABC):
         finally:
             attachment.close()
         return attachment.identity
+
+    def _before_copy(self, ident: str, attachment: Attachment) -> None:
+        """Called by the default :meth:`create_from` between creating the
+        segment and copying into it (to fault it in at once, say); by
+        default nothing."""
+        return None
 
     @abc.abstractmethod
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:

@@ -309,34 +309,19 @@ class SysVBackend(Backend):
     #: one ``madvise(MADV_POPULATE_WRITE)`` before copying.
     _POPULATE_FROM = 64 << 10
 
-    def create_from(
-        self, ident: str, data: memoryview, options: Mapping[str, Any]
-    ) -> Optional[str]:
-        """Create the segment holding a copy of *data* (see the base class).
-
-        A System V segment has no file descriptor to write through, and
+    def _before_copy(self, ident: str, attachment: Attachment) -> None:
+        """A System V segment has no file descriptor to write through, and
         copying into its fresh mapping takes a page fault per page: asking
-        the kernel to fault the whole mapping in first (Linux 5.14+) copies
-        a large array about 1.6x as fast. Where it cannot, the plain copy."""
-        attachment = self.create(ident, data.nbytes, options)
-        try:
-            assert attachment.buf is not None
-            if data.nbytes >= self._POPULATE_FROM:
-                error = _huge.madvise(_huge.address_of(attachment.buf), data.nbytes,
-                                      _huge.MADV_POPULATE_WRITE)
-                if error == errno.ENOMEM:  # the copy would meet the OOM killer
-                    raise OSError(errno.ENOMEM, f"Not enough memory to fill a new System V "
-                                  f"segment of {format_size(data.nbytes)}", self.qualified(ident))
-            attachment.buf[: data.nbytes] = data
-        except BaseException:
-            try:
-                self.unlink(ident)
-            except OSError:
-                pass
-            raise
-        finally:
-            attachment.close()
-        return attachment.identity
+        the kernel to fault the whole mapping in first (Linux 5.14+) makes
+        :meth:`create_from` copy a large array about 1.6x as fast. Where it
+        cannot, the plain copy; where memory is short, a clear error."""
+        if attachment.size < self._POPULATE_FROM or attachment.buf is None:
+            return
+        error = _huge.madvise(_huge.address_of(attachment.buf), attachment.size,
+                              _huge.MADV_POPULATE_WRITE)
+        if error == errno.ENOMEM:  # the copy would meet the OOM killer
+            raise OSError(errno.ENOMEM, "Not enough memory to fill a new System V segment "
+                          f"of {format_size(attachment.size)}", self.qualified(ident))
 
     def _create_readonly(self, ident: str, key: int, size: int) -> _Segment:
         """Create with sysv_ipc alone: read-only, so that it does not fill the
