@@ -343,10 +343,9 @@ class Tracker:
                 if self.ended and self._settle(selector):
                     last_message = time.monotonic()
                 if self.received:
-                    wanted = pause * _BATCH_TARGET / self.received
-                    pause = min(_BATCH, max(_BATCH_MIN, wanted, pause / 4))
-                else:
-                    pause = _BATCH
+                    pause = min(_BATCH, max(_BATCH_MIN, pause * _BATCH_TARGET / self.received))
+                else:  # (gradually: bursts of creations come with short gaps)
+                    pause = min(_BATCH, pause * 2)
                 self.journal.flush(self.entries)
                 # Before deciding, take in whoever connected meanwhile.
                 if not self.conns and not self.still_running() and not selector.select(0):

@@ -256,12 +256,16 @@ def test_generated_names_are_unguessable(backend):
     which is all a key holds (and why SysV relies on mode 0600 alone)."""
     chosen = mpshm.backends.get(backend)
     names = [chosen.generate({}) for _ in range(5000)]
-    assert len(set(names)) == len(names)
     if backend == "sysv":
+        # 5000 random 32-bit keys collide in about one run of 340 (the
+        # birthday bound), three times in about one of 10**8; a generator of
+        # fewer random bits would collide many times.
+        assert len(names) - len(set(names)) <= 2
         assert all(re.fullmatch(r"0x[0-9a-f]{8}", name) for name in names)
         keys = {int(name, 16) for name in names}
         assert len({key >> 28 for key in keys}) == 16  # spread over the whole range
         return
+    assert len(set(names)) == len(names)
     tokens = [re.fullmatch(r".*_([0-9a-f]+)", os.path.basename(name)).group(1)
               for name in names]
     assert all(len(token) >= 16 for token in tokens)  # >= 64 bits
