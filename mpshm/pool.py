@@ -140,6 +140,38 @@ def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
+class _Deferred:
+    """(A worker) a task's function with its arguments, which it lets go of
+    when called: the standard library's worker holds its task until the
+    result is sent, so without this a task's argument segments would stay
+    in use (leased, see :class:`~mpshm._cache.MappingCache`) until the next
+    result, and the parent could reuse them one task later."""
+
+    __slots__ = ("args", "fn", "kwargs")
+
+    def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
+        self.fn = fn
+        self.args = args
+        self.kwargs = kwargs
+
+    def __call__(self) -> Any:
+        fn, args, kwargs = self.fn, self.args, self.kwargs
+        self.args = self.kwargs = None
+        return fn(*args, **kwargs)
+
+
+def _defer_arguments(obj: Any) -> Any:
+    """*obj*, a task just unpickled in a worker, with its function and
+    arguments wrapped in a :class:`_Deferred`."""
+    if type(obj) is tuple and len(obj) == 5 and type(obj[0]) is int:
+        job, i, fn, args, kwargs = obj
+        return (job, i, _Deferred(fn, args, kwargs), (), {})
+    if type(obj).__name__ == "_CallItem" and hasattr(obj, "work_id"):
+        obj.fn = _Deferred(obj.fn, obj.args, obj.kwargs)
+        obj.args, obj.kwargs = (), {}
+    return obj
+
+
 _batches = itertools.count(1)
 
 
@@ -286,6 +318,11 @@ def _check_cache_bytes(value: Optional[int]) -> int:
     return value
 
 
+#: (pid, leases) of a worker: its leases of task arguments, (backend,
+#: ident, weak reference) each (see :meth:`_Sharing._own_leases`).
+_worker_leases: list[Any] = [0, []]
+
+
 class _Sharing:
     """The pickling policy and bookkeeping of one context, in every process.
 
@@ -336,9 +373,6 @@ class _Sharing:
         # the task being run (a worker).
         self.offered: dict[Any, list[_cache.Warm]] = {}
         self.spares: list[reduction.Segment] = []
-        # A worker's leases of task arguments: (backend, ident, weak reference).
-        self.leases: list[tuple[str, str, Any]] = []
-        self._leases_pid = os.getpid()
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -446,16 +480,21 @@ class _Sharing:
                     extra = {"spares": [warm.segment for warm in offered]}
         elif about is not None:  # a worker's result
             self.spares = []  # they were offered with its task only
-            if self.leases:
+            if _worker_leases[1]:
                 extra = self._released()
         return reduction.envelope(file.getvalue(), pickler.descriptors, about, extra)
 
-    def _own_leases(self) -> list[tuple[str, str, Any]]:
+    @staticmethod
+    def _own_leases() -> list[tuple[str, str, Any]]:
         """(A worker) this process's leases of task arguments (those a fork
-        inherited are the parent process's, not ours to report)."""
-        if self._leases_pid != os.getpid():
-            self.leases, self._leases_pid = [], os.getpid()
-        return self.leases
+        inherited are the parent process's, not ours to report). One list
+        per process, not per pool object: an executor's worker receives its
+        tasks and sends its results through queues with sharing objects of
+        their own."""
+        if _worker_leases[0] != os.getpid():
+            _worker_leases[:] = [os.getpid(), []]
+        leases: list[tuple[str, str, Any]] = _worker_leases[1]
+        return leases
 
     def _released(self) -> Optional[dict[str, Any]]:
         """(A worker) task arguments whose views are all gone, to report."""
@@ -465,7 +504,7 @@ class _Sharing:
             (alive if entry[2]() is not None else released).append(entry)
         if not released:
             return None
-        self.leases = alive
+        _worker_leases[1] = alive
         return {"released": [(backend, ident) for backend, ident, _ in released]}
 
     # -- receiving
@@ -497,6 +536,9 @@ class _Sharing:
             receiving.active = False
             receiving.warm = None
             receiving.leases = None
+        if not owner and about is not None and about[-1] == "task" and self.cache_bytes != 0:
+            # Its argument segments are then reported free with its own result.
+            obj = _defer_arguments(obj)
         if owner:
             if extra is not None and self.warm is not None:
                 for backend, ident in extra.get("released", ()):

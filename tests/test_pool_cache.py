@@ -70,8 +70,9 @@ def test_argument_segments_are_reused_and_gone_with_the_pool(backend, method):
             got, writable, name, _ = p.apply(describe, (arr,))
             assert got == value * N and not writable
             names.append(name)
-        # Fresh segments only until the worker reports the first ones released.
-        assert len(set(names)) <= 3 < len(names), names
+        # The worker lets go of a task's arguments before it sends the result,
+        # which says so: every later task reuses the first one's segment.
+        assert len(set(names)) == 1 < len(names), names
         assert all(exists(name) for name in set(names))  # kept warm meanwhile
     wait_until(lambda: not any(exists(name) for name in set(names)), 5)
 
@@ -234,3 +235,17 @@ def test_a_slab_freed_while_the_pickler_searches_does_not_deadlock(backend):
     thread.start()
     assert done.wait(10), "freeing a slab under the mapping lock deadlocked"
     wait_until(lambda: not exists(name), 5)
+
+
+def test_executor_tasks_reuse_the_first_argument_segment(backend, method):
+    """As in a Pool: the worker lets go of the arguments before it answers,
+    so each later task's argument goes into the first task's segment."""
+    ctx = multiprocessing.get_context(method)
+    with mpshm.ProcessPoolExecutor(1, mp_context=ctx, backend=backend) as ex:
+        names = set()
+        for value in range(1, 7):
+            got, writable, name, _ = ex.submit(describe, np.full(N, float(value))).result()
+            assert got == value * N and not writable
+            names.add(name)
+        assert len(names) == 1, names
+    wait_until(lambda: not any(exists(name) for name in names), 5)
