@@ -162,6 +162,7 @@ class Tracker:
         A segment registered and unregistered within the same batch (created
         and unlinked between two reads) is never journaled: that saves the
         identity lookup and two journal lines per short-lived segment."""
+        self.received += len(messages)
         last_unreg = {(m["b"], m["i"]): n for n, m in enumerate(messages) if m["op"] == "unreg"}
         unjournaled: set[tuple[str, str]] = set()
         for n, msg in enumerate(messages):
@@ -271,7 +272,6 @@ class Tracker:
             try:
                 data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
             except BlockingIOError:
-                self.received += len(messages)
                 self.handle(messages, conn)
                 return received
             except OSError:
@@ -280,7 +280,6 @@ class Tracker:
                 break
             received = True
             messages.extend(decoder.feed(data))
-        self.received += len(messages)
         self.handle(messages, conn)
         selector.unregister(conn)
         del self.conns[conn]

@@ -161,14 +161,16 @@ class _Deferred:
 
 
 def _defer_arguments(obj: Any) -> Any:
-    """*obj*, a task just unpickled in a worker, with its function and
-    arguments wrapped in a :class:`_Deferred`."""
-    if type(obj) is tuple and len(obj) == 5 and type(obj[0]) is int:
+    """*obj*, a task just unpickled in a worker (see :func:`_task_key`),
+    with its function and arguments wrapped in a :class:`_Deferred`."""
+    found = _task_key(obj)
+    if found is None:
+        return obj
+    if found[0][0] == "p":  # Pool: (job, i, func, args, kwds)
         job, i, fn, args, kwargs = obj
         return (job, i, _Deferred(fn, args, kwargs), (), {})
-    if type(obj).__name__ == "_CallItem" and hasattr(obj, "work_id"):
-        obj.fn = _Deferred(obj.fn, obj.args, obj.kwargs)
-        obj.args, obj.kwargs = (), {}
+    obj.fn = _Deferred(obj.fn, obj.args, obj.kwargs)  # an executor's _CallItem
+    obj.args, obj.kwargs = (), {}
     return obj
 
 
@@ -318,9 +320,14 @@ def _check_cache_bytes(value: Optional[int]) -> int:
     return value
 
 
-#: (pid, leases) of a worker: its leases of task arguments, (backend,
-#: ident, weak reference) each (see :meth:`_Sharing._own_leases`).
-_worker_leases: list[Any] = [0, []]
+#: A worker's leases of task arguments, (backend, ident, weak reference)
+#: each: one list per process, not per pool object, since an executor's
+#: worker receives its tasks and sends its results through queues with
+#: sharing objects of their own. A forked child starts without the leases
+#: it inherited (they are its parent's to report).
+_worker_leases: list[tuple[str, str, Any]] = []
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_worker_leases.clear)
 
 
 class _Sharing:
@@ -480,31 +487,19 @@ class _Sharing:
                     extra = {"spares": [warm.segment for warm in offered]}
         elif about is not None:  # a worker's result
             self.spares = []  # they were offered with its task only
-            if _worker_leases[1]:
+            if _worker_leases:
                 extra = self._released()
         return reduction.envelope(file.getvalue(), pickler.descriptors, about, extra)
-
-    @staticmethod
-    def _own_leases() -> list[tuple[str, str, Any]]:
-        """(A worker) this process's leases of task arguments (those a fork
-        inherited are the parent process's, not ours to report). One list
-        per process, not per pool object: an executor's worker receives its
-        tasks and sends its results through queues with sharing objects of
-        their own."""
-        if _worker_leases[0] != os.getpid():
-            _worker_leases[:] = [os.getpid(), []]
-        leases: list[tuple[str, str, Any]] = _worker_leases[1]
-        return leases
 
     def _released(self) -> Optional[dict[str, Any]]:
         """(A worker) task arguments whose views are all gone, to report."""
         released: list[tuple[str, str, Any]] = []
         alive: list[tuple[str, str, Any]] = []
-        for entry in self._own_leases():
+        for entry in _worker_leases:
             (alive if entry[2]() is not None else released).append(entry)
         if not released:
             return None
-        _worker_leases[1] = alive
+        _worker_leases[:] = alive
         return {"released": [(backend, ident) for backend, ident, _ in released]}
 
     # -- receiving
@@ -521,7 +516,7 @@ class _Sharing:
             if owner:
                 receiving.warm = self.warm
             else:
-                receiving.leases = self._own_leases()
+                receiving.leases = _worker_leases
                 if about is not None and about[-1] == "task":
                     spares = [] if extra is None else extra.get("spares", [])
                     self.spares = [spare for spare in spares

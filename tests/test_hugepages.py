@@ -192,10 +192,10 @@ def hugetlbfs_mount() -> str:
 
 
 HUGETLBFS_CHECK = """
-import os, sys
+import os
 import mpshm
 
-directory, page = sys.argv[1], int(sys.argv[2])
+directory, page = DIRECTORY, PAGE
 total = os.statvfs(directory).f_blocks
 for size in (page + 1, 1, 2 * page) * 10:
     shm = mpshm.SharedMemory(create=True, size=size, backend="mmap", dir=directory)
@@ -277,8 +277,8 @@ def test_mmap_on_hugetlbfs_rounds_the_size(hugetlbfs: tuple[Path, int]) -> None:
     whatever followed it, a crash; a mapping of the unrounded size could
     never be unmapped, its huge pages held until the process ended.)"""
     directory, page = hugetlbfs
-    result = run_script(HUGETLBFS_CHECK.replace("sys.argv[1], int(sys.argv[2])",
-                                                f"{str(directory)!r}, {page}"))
+    result = run_script(HUGETLBFS_CHECK.replace("PAGE", str(page))
+                        .replace("DIRECTORY", repr(str(directory))))
     assert result.returncode == 0 and result.stdout == "ok\n", (result.returncode,
                                                                  result.stderr)
 

@@ -116,7 +116,7 @@ def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str)
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.ENOSYS):
                 raise
     try:
-        os.ftruncate(fd, size)  # (EINVAL on hugetlbfs: a size it cannot take)
+        os.ftruncate(fd, size)
     except OSError as exc:
         if _is_space_error(exc):
             raise _space_error(size, storage, where, remedy) from None
@@ -206,18 +206,18 @@ def create_mapped(
             attachment.close()
             raise
         return attachment
-    reserve(fd, size, storage, where, remedy)
     st = os.fstat(fd)
     if st.st_blksize > mmap.PAGESIZE and where is not None:
         page = _huge.hugetlbfs_page_size(where)
-        if page and size % page:
-            # A hugetlbfs file is mapped in whole huge pages: the segment is
-            # that size, as an attach will find it. (Mapped at *size*, it
-            # could never be unmapped: a hugetlb mapping cannot be split
-            # inside a huge page.) posix_fallocate reserved those pages.
+        if page:
+            # A hugetlbfs file is a whole number of huge pages, mapped whole:
+            # the segment gets the size rounded up (its ``size`` says so, as
+            # an attach finds it). Mapped at the unrounded size, it could
+            # never be unmapped (a hugetlb mapping cannot be split inside a
+            # huge page), and ftruncate refuses any other size.
             size = -(-size // page) * page
-            os.ftruncate(fd, size)
             huge = "hugetlbfs"
+    reserve(fd, size, storage, where, remedy)
     aligned = huge in ("always", "within_size", "hugetlbfs")
     return MmapAttachment(fd, size, f"{st.st_dev}:{st.st_ino}", st, kernel_address=aligned)
 

@@ -183,16 +183,8 @@ class MmapBackend(Backend):
         huge = _huge.tmpfs_huge(where) if _huge.wants_huge(options, size) else None
 
         def fill(fd: int, storage: str) -> Attachment:
-            try:
-                return create_mapped(fd, size, storage, where, self._REMEDY, huge)
-            except OSError as exc:
-                page = _huge.hugetlbfs_page_size(where) if exc.errno == errno.EINVAL else None
-                if not page:
-                    raise
-            # A hugetlbfs file is a whole number of huge pages: the segment gets
-            # the size rounded up (its ``size`` says so), and always huge pages.
-            rounded = -(-size // page) * page
-            return create_mapped(fd, rounded, storage, where, self._REMEDY, "hugetlbfs")
+            # (On hugetlbfs, create_mapped rounds the size up to whole huge pages.)
+            return create_mapped(fd, size, storage, where, self._REMEDY, huge)
 
         attachment: Attachment = self._new(ident, options, fill)
         return attachment
