@@ -9,9 +9,9 @@ journal file of its own, and removes the file when it has cleaned up. A
 journal left behind names exactly the tracked segments of a program whose
 cleanup did not run; ``mpshm gc`` reads it.
 
-The journals live in the *state directory*: ``$MPSHM_STATE_DIR``, else
-``<tempdir>/mpshm-<uid>-trackers``, a private directory (mode 0700, checked
-like the mmap backend's). One file per tracker,
+The journals live in the *state directory* (see :func:`state_dir`), a
+private directory nobody else can plant files in: mode 0700, owned by this
+user, never a symbolic link. One file per tracker,
 ``tracker-<pid>-<token>.log``, mode 0600, one JSON object per line:
 
 * first a header: ``{"journal": 1, "pid": ..., "t": ..., "address": ...,
@@ -30,22 +30,46 @@ milliseconds while messages flow), so a tracker killed within that time of
 a registration may not have journaled it. The file is compacted when it
 grows to several times what it holds. Writing is best-effort: a journal
 that cannot be written (full disk) never stops the tracker.
+
+Another local user is part of the threat model: a journal tells ``mpshm gc``
+what it may destroy, so a journal is trusted only if it is a regular file
+owned by this user that nobody else may write, in a directory that passes
+the same test (:func:`check_private_dir`). Anything else is ignored, with a
+:class:`UntrustedJournalWarning` naming it. When the usual state directory
+is taken by someone else (squatted), the tracker journals into a fresh
+private directory beside it (``<tempdir>/mpshm-<uid>-trackers-<random>``),
+which :func:`read_all` also reads: journaling never silently stops.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import secrets
+import stat
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["Journal", "Writer", "read", "read_all", "rewrite", "state_dir"]
+__all__ = [
+    "Journal",
+    "UntrustedJournalWarning",
+    "Writer",
+    "check_private_dir",
+    "read",
+    "read_all",
+    "rewrite",
+    "state_dir",
+    "state_dirs",
+]
 
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_O_NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 #: Lines written before a journal is considered for compaction.
 _COMPACT_MIN = 2000
 #: A journal is compacted once it has this many lines per entry it holds.
@@ -54,12 +78,115 @@ _COMPACT_RATIO = 4
 Key = tuple[str, str]
 
 
+class UntrustedJournalWarning(RuntimeWarning):
+    """A state directory or journal that another user owns, or that others
+    may write to, was ignored (see :mod:`mpshm._journal`)."""
+
+
+def _xdg_runtime_dir() -> Optional[str]:
+    """``$XDG_RUNTIME_DIR`` if it is what the system makes it: an absolute
+    path to a directory of this user's, mode 0700 (else None)."""
+    xdg = os.environ.get("XDG_RUNTIME_DIR")
+    if not xdg or not os.path.isabs(xdg):
+        return None
+    try:
+        st = os.lstat(xdg)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return None
+    return xdg
+
+
 def state_dir() -> str:
-    """The directory that holds the trackers' journals."""
+    """The directory that holds the trackers' journals: ``$MPSHM_STATE_DIR``,
+    else ``$XDG_RUNTIME_DIR/mpshm`` (a per-user directory the system makes),
+    else ``<tempdir>/mpshm-<uid>-trackers``."""
     env = os.environ.get("MPSHM_STATE_DIR")
     if env:
         return os.path.abspath(env)
+    xdg = _xdg_runtime_dir()
+    if xdg is not None:
+        return os.path.join(xdg, "mpshm")
     return os.path.join(tempfile.gettempdir(), f"mpshm-{os.getuid()}-trackers")
+
+
+def _fallback_pattern() -> str:
+    return os.path.join(glob.escape(tempfile.gettempdir()), f"mpshm-{os.getuid()}-trackers-*")
+
+
+def state_dirs() -> list[str]:
+    """Every directory journals may be in: :func:`state_dir`, then the private
+    directories made when that one was unusable (see :class:`Writer`)."""
+    found = [state_dir()]
+    found += [path for path in sorted(glob.glob(_fallback_pattern())) if path not in found]
+    return found
+
+
+def _untrusted(path: str, st: os.stat_result, what: str) -> Optional[str]:
+    """Why *path* (of lstat/fstat *st*) cannot be trusted as *what*, or None."""
+    me = os.geteuid()
+    if st.st_uid != me:
+        return f"{what} is owned by uid {st.st_uid}, not by you (uid {me})"
+    if st.st_mode & 0o022:
+        return f"{what} has mode {stat.S_IMODE(st.st_mode):04o}: others may write to it"
+    return None
+
+
+def check_private_dir(path: str, create: bool = False) -> None:
+    """Make sure *path* is a directory only this user may change: not a
+    symbolic link, owned by the effective uid, writable by nobody else.
+
+    With *create*, a missing directory is made with mode 0700 whatever the
+    umask (its parents as ``os.makedirs`` would). Raises PermissionError (or
+    NotADirectoryError) naming what is wrong and how to fix it.
+    """
+    if create:
+        parent = os.path.dirname(path)
+        if parent and not os.path.isdir(parent):
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        else:
+            # mkdir applies the umask; nobody else can replace our new entry
+            # (a sticky temp directory keeps it ours), so fix the mode through
+            # a descriptor that refuses to follow a link.
+            fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
+            try:
+                os.fchmod(fd, 0o700)
+            finally:
+                os.close(fd)
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode):
+        raise PermissionError(
+            f"refusing the state directory {path!r}: it is a symbolic link (set "
+            "MPSHM_STATE_DIR to a real directory of your own)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(f"the state directory {path!r} is not a directory")
+    problem = _untrusted(path, st, "it")
+    if problem:
+        raise PermissionError(
+            f"refusing the state directory {path!r}: {problem}. Someone else may have made "
+            "it to plant or hide journals: remove it, or set MPSHM_STATE_DIR to a private "
+            "directory of your own")
+
+
+def _fallback_dir() -> str:
+    """A private directory for journals when :func:`state_dir` is unusable:
+    an existing one of ours (see :func:`state_dirs`), else a new one."""
+    for path in sorted(glob.glob(_fallback_pattern())):
+        try:
+            check_private_dir(path)
+            return path
+        except OSError:
+            continue
+    return tempfile.mkdtemp(prefix=f"mpshm-{os.getuid()}-trackers-")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, UntrustedJournalWarning, stacklevel=3)
 
 
 def _line(obj: dict[str, Any]) -> bytes:
@@ -93,27 +220,28 @@ class Writer:
         self._pending: list[bytes] = []
         self._lines = 0
         self._header = {"journal": 1, **header}
-        directory = state_dir()
-        self.path = os.path.join(
-            directory, f"tracker-{os.getpid()}-{secrets.token_hex(4)}.log"
-        )
-        try:
-            from .backends.mmapfile import check_dir
-        except Exception:  # a broken install: no journal, the tracker goes on
-            return
-        for _ in range(3):  # another tracker may remove the empty directory meanwhile
+        self.path = ""
+        #: Why the usual state directory was not used (None if it was).
+        self.fallback_reason: Optional[str] = None
+        for attempt in range(2):
             try:
-                check_dir(directory, create=True)
+                if attempt == 0:
+                    directory = state_dir()
+                    check_private_dir(directory, create=True)
+                else:  # squatted, or unusable: journal elsewhere, never not at all
+                    directory = _fallback_dir()
+                self.path = os.path.join(
+                    directory, f"tracker-{os.getpid()}-{secrets.token_hex(4)}.log")
                 self._fd = os.open(
                     self.path,
                     os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC,
                     0o600,
                 )
+                os.fchmod(self._fd, 0o600)  # whatever the umask
                 break
-            except FileNotFoundError:
-                continue
-            except OSError:
-                return
+            except OSError as exc:
+                if attempt == 0:
+                    self.fallback_reason = str(exc)
         if self._fd is not None:
             self._write([_line(self._header)])
 
@@ -154,6 +282,7 @@ class Writer:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
                          0o600)
             try:
+                os.fchmod(fd, 0o600)
                 _write_all(fd, b"".join(lines))
             finally:
                 os.close(fd)
@@ -177,13 +306,12 @@ class Writer:
         self._pending = []
 
     def close(self, remove: bool) -> None:
-        """Stop journaling; with *remove*, delete the file (all cleaned up)
-        and the state directory if that leaves it empty."""
+        """Stop journaling; with *remove*, delete the file (all cleaned up).
+        The directory stays: removing it would let another user make it."""
         self._off()
-        if remove:
+        if remove and self.path:
             try:
                 os.unlink(self.path)
-                os.rmdir(os.path.dirname(self.path))
             except OSError:
                 pass
 
@@ -206,16 +334,27 @@ class Journal:
         return pid if isinstance(pid, int) else None
 
 
-def read(path: str) -> Optional[Journal]:
-    """Read the journal at *path*; None if it is not one (or unreadable).
+def read(path: str, warn: bool = True) -> Optional[Journal]:
+    """Read the journal at *path*; None if it is not one, is unreadable, or
+    cannot be trusted (not a regular file of this user's that nobody else may
+    write: then, with *warn*, an :class:`UntrustedJournalWarning` names it).
 
     A last line cut short (the tracker killed mid-write) is ignored.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC)
+        # O_NONBLOCK: a FIFO planted in its place must not block the reader.
+        fd = os.open(path, os.O_RDONLY | _O_NOFOLLOW | _O_CLOEXEC | _O_NONBLOCK)
     except OSError:
         return None
     try:
+        st = os.fstat(fd)
+        problem = "it is not a regular file" if not stat.S_ISREG(st.st_mode) else (
+            _untrusted(path, st, "it"))
+        if problem:
+            os.close(fd)
+            if warn:
+                _warn(f"ignoring the tracker journal {path!r}: {problem}")
+            return None
         with os.fdopen(fd, "rb") as f:
             data = f.read()
     except OSError:
@@ -246,18 +385,24 @@ def read(path: str) -> Optional[Journal]:
 
 
 def read_all(directory: Optional[str] = None) -> list[Journal]:
-    """Every journal in the state directory (default :func:`state_dir`)."""
-    directory = directory or state_dir()
-    try:
-        names = sorted(os.listdir(directory))
-    except OSError:
-        return []
+    """Every trusted journal in *directory*, or (default) in every state
+    directory (:func:`state_dirs`). A directory that another user owns or
+    may write to is skipped with an :class:`UntrustedJournalWarning`."""
     journals = []
-    for name in names:
-        if name.startswith("tracker-") and name.endswith(".log"):
-            journal = read(os.path.join(directory, name))
-            if journal is not None:
-                journals.append(journal)
+    for path in [directory] if directory else state_dirs():
+        try:
+            check_private_dir(path)
+            names = sorted(os.listdir(path))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            _warn(f"ignoring the journals in {path!r}: {exc}")
+            continue
+        for name in names:
+            if name.startswith("tracker-") and name.endswith(".log"):
+                journal = read(os.path.join(path, name))
+                if journal is not None:
+                    journals.append(journal)
     return journals
 
 
@@ -274,6 +419,7 @@ def rewrite(journal: Journal, keep: dict[Key, dict[str, Any]]) -> None:
     tmp = f"{journal.path}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
     try:
+        os.fchmod(fd, 0o600)
         _write_all(fd, b"".join(lines))
     finally:
         os.close(fd)

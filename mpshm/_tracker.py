@@ -1,23 +1,32 @@
-"""The tracker process: ``python -m mpshm._tracker CONN_FD LISTEN_FD [PARENT_PID]``.
+"""The tracker process: ``python -m mpshm._tracker CONN_FD LISTEN_FD [PARENT_PID] [OPTIONS]``.
 
 Started by :mod:`mpshm.tracking`; not meant to be run by hand. It reads
 register/unregister messages, waits until the program that started it is
 over (see :mod:`mpshm.tracking` for how it tells), destroys what is still
 registered, and exits. It writes nothing to stdout or stderr.
+
+The one option, ``--adopt ADDRESS`` (repeatable), makes it a replacement:
+the tracker at ``ADDRESS`` (its ``MPSHM_TRACKER`` value) died, and this one
+takes over what that one's journal holds (see :class:`Tracker`).
+
+``python -m mpshm._tracker deliver SOCK_FD PIPE_FD`` is the other use of this
+module: a process that ends while its tracker is stalled hands what it could
+not send to such a helper, which waits for the tracker (see
+:mod:`mpshm.tracking`).
 """
 
 from __future__ import annotations
 
 import collections
+import fcntl
 import importlib
 import os
 import selectors
 import signal
 import socket
-import struct
 import sys
 import time
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from . import _journal, _protocol
 
@@ -31,6 +40,10 @@ _BATCH_TARGET = 64
 _IDLE = 0.5  # seconds without messages before waiting for the next one
 _GONE = 4096  # unregistrations of unknown keys remembered (see Tracker.gone)
 _SETTLE_ROUNDS = 100  # reads of whatever is pending before applying ended connections
+#: Seconds after which an identity looked up for the journal is looked up
+#: again (see Tracker._verify): a segment can take long to make (reserving
+#: gigabytes), and its identity may change until it is made.
+_VERIFY_AFTER = (0.1, 1.0, 10.0)
 
 
 def start_time(pid: int) -> Optional[str]:
@@ -57,12 +70,40 @@ def start_time(pid: int) -> Optional[str]:
     return "?"
 
 
-def carriers(needles: Iterable[bytes]) -> dict[bytes, dict[int, str]]:
+def _uids(pid: int) -> Optional[tuple[int, int]]:
+    """(real, effective) uid of *pid*, from the ``Uid:`` line of
+    /proc/<pid>/status; None if unknown."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    fields = line.split()
+                    return int(fields[1]), int(fields[2])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def carriers(
+    needles: Iterable[bytes], uid: Optional[int] = None
+) -> dict[bytes, dict[int, str]]:
     """For each of *needles* (``MPSHM_TRACKER=<address>``), the living processes
-    whose environment carries it, as pid -> start time (one pass over /proc)."""
+    whose environment carries it, as pid -> start time (one pass over /proc).
+
+    Only processes that run as user *uid* (default: this process's effective
+    uid) count, real and effective uid both: anyone can put a tracker's
+    address in the environment of a process of their own (the addresses are
+    in /proc/net/unix), and root can read every process's environment, so
+    without this another user could keep a tracker waiting, and ``mpshm gc``
+    holding back, for as long as they like. The uids come from
+    /proc/<pid>/status, not from the owner of /proc/<pid>: that is root for
+    any process that made itself non-dumpable (prctl), and it is only the
+    effective uid (a set-user-ID program started by someone else has ours).
+    """
     wanted = set(needles)
     found: dict[bytes, dict[int, str]] = {}
     me = os.getpid()
+    user = os.geteuid() if uid is None else uid
     try:
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
@@ -75,10 +116,14 @@ def carriers(needles: Iterable[bytes]) -> dict[bytes, dict[int, str]]:
                 env = set(f.read().split(b"\0"))
         except OSError:
             continue
-        for needle in wanted & env:
-            start = start_time(pid)
-            if start is not None:
-                found.setdefault(needle, {})[pid] = start
+        matched = wanted & env
+        if not matched or _uids(pid) != (user, user):
+            continue
+        start = start_time(pid)
+        if start is None:
+            continue
+        for needle in matched:
+            found.setdefault(needle, {})[pid] = start
     return found
 
 
@@ -97,20 +142,6 @@ def alive(pid: Optional[int], started_by: Optional[float] = None) -> Optional[bo
     return True
 
 
-def _peer(conn: socket.socket) -> tuple[Optional[int], Optional[int]]:
-    """(pid, uid) of the process at the other end of *conn* (for a socket
-    pair: the process that made it), None where unknown."""
-    if not hasattr(socket, "SO_PEERCRED"):
-        return None, os.getuid()
-    fmt = "3i"
-    try:
-        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
-    except OSError:
-        return None, None
-    pid, uid, _gid = struct.unpack(fmt, creds)
-    return int(pid), int(uid)
-
-
 def started_at(pid: int) -> Optional[float]:
     """When *pid* started, in seconds since the epoch (None if it is gone, a
     zombie, or /proc does not say)."""
@@ -125,24 +156,55 @@ def started_at(pid: int) -> Optional[float]:
     return boot + int(start) / os.sysconf("SC_CLK_TCK")
 
 
-class Tracker:
-    """The registry of one program's tracked segments."""
+Key = tuple[str, str]
 
-    def __init__(self, conn: socket.socket, listener: socket.socket, parent: Optional[int]) -> None:
+
+class Tracker:
+    """The registry of one program's tracked segments.
+
+    *adopt* names the addresses (``MPSHM_TRACKER`` values) of dead trackers
+    this one replaces: it takes over what their journals hold (see
+    :meth:`_claim` and :meth:`_take_over`).
+    """
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        listener: socket.socket,
+        parent: Optional[int],
+        adopt: Sequence[str] = (),
+    ) -> None:
         self.listener = listener
         self.conns: dict[socket.socket, _protocol.Decoder] = {conn: _protocol.Decoder()}
-        self.entries: dict[tuple[str, str], dict[str, Any]] = {}
+        # Senders whose messages count (see _receive): the kernel gives a
+        # sender's real uid; ours is the effective one we act with, and the
+        # real one is the same user in all but set-user-ID programs.
+        self.uids = {os.geteuid(), os.getuid()}
+        for sock in (conn, listener):
+            try:
+                _protocol.pass_credentials(sock)
+            except OSError:
+                pass
+        self.entries: dict[Key, dict[str, Any]] = {}
         # Entries registered with "own": destroyed when that connection closes.
-        self.owners: dict[tuple[str, str], socket.socket] = {}
+        self.owners: dict[Key, socket.socket] = {}
         # Scope tokens announced with "scope": the connection that owns each.
         self.scopes: dict[str, socket.socket] = {}
         # Keys unregistered before they were registered: a "join" (always a
         # fresh random name) sent on one connection can be read after the
         # "unreg" of the process that took the segment over, sent on another.
-        self.gone: collections.OrderedDict[tuple[str, str], None] = collections.OrderedDict()
+        self.gone: collections.OrderedDict[Key, None] = collections.OrderedDict()
         # Connections that ended, to apply once what came before is read (_settle).
         self.ended: list[socket.socket] = []
-        self.needle = f"MPSHM_TRACKER={os.environ.get('MPSHM_TRACKER', '')}".encode()
+        # Identities looked up for the journal, to check again (see _verify):
+        # one queue per check, of (when, key, identity), soonest first.
+        self.recent: list[collections.deque[tuple[float, Key, Optional[str]]]] = [
+            collections.deque() for _ in _VERIFY_AFTER
+        ]
+        self.address = os.environ.get("MPSHM_TRACKER", "")
+        # Environment entries that make a process part of the program: ours,
+        # and those of the trackers this one replaces (see _take_over).
+        self.needles = [f"MPSHM_TRACKER={self.address}".encode()]
         self.watched: dict[int, str] = {}
         #: Messages read in the current round (see :meth:`run`).
         self.received = 0
@@ -150,11 +212,132 @@ class Tracker:
             start = start_time(parent)
             if start is not None:
                 self.watched[parent] = start
+        # The process that made the socket pair is watched too: end-of-file on
+        # the pair says every process sharing it is gone, unless one of them
+        # shut it down (shutdown() acts for all holders) while the rest run on.
+        self.starter = _protocol.peer(conn)[0]
+        self.starter_start = start_time(self.starter) if self.starter else None
+        claimed = self._claim(adopt)  # before the header, which lists them
+        adopted = sorted({str(a) for j, _ in claimed for a in self._addresses(j)})
         me = os.getpid()
-        self.journal = _journal.Writer(
-            {"pid": me, "t": started_at(me) or time.time(), "address": os.environ.get(
-                "MPSHM_TRACKER", ""), "starter": _peer(conn)[0], "parent": parent}
-        )
+        header: dict[str, Any] = {
+            "pid": me, "t": started_at(me) or time.time(), "address": self.address,
+            "starter": self.starter, "parent": parent,
+        }
+        if adopted:
+            header["adopted"] = adopted
+        self.journal = _journal.Writer(header)
+        self._take_over(claimed)
+
+    # -- taking over from a dead tracker -------------------------------------
+
+    @staticmethod
+    def _addresses(journal: _journal.Journal) -> list[str]:
+        """The address of *journal*'s tracker and of those it had replaced."""
+        found = [journal.header.get("address")]
+        earlier = journal.header.get("adopted")
+        if isinstance(earlier, list):
+            found += earlier
+        return [a for a in found if isinstance(a, str) and a]
+
+    def _claim(self, addresses: Sequence[str]) -> list[tuple[_journal.Journal, int]]:
+        """The journals to take over, each locked (an open fd holding an
+        exclusive flock) so that of several replacements started at once
+        (forked processes that each found the tracker gone) one takes each.
+
+        A journal qualifies only if :func:`mpshm._journal.read_all` returns it
+        (it checks who owns the file and the directory), its header names one
+        of *addresses* exactly, and its tracker is dead: pid gone, or taken by
+        a process that started after that tracker did."""
+        wanted = {a for a in addresses if a and a != self.address}
+        if not wanted:
+            return []
+        claimed: list[tuple[_journal.Journal, int]] = []
+        for journal in _journal.read_all():
+            started = journal.header.get("t")
+            if (
+                journal.header.get("address") not in wanted
+                or journal.pid is None
+                or journal.pid == os.getpid()
+                or not isinstance(started, (int, float))
+                or isinstance(started, bool)
+                or alive(journal.pid, float(started)) is not False
+            ):
+                continue
+            try:
+                fd = os.open(journal.path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
+                             | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # Still the file read? (Another replacement may have taken it
+                # over and removed it before we got the lock.)
+                same = os.fstat(fd)
+                now = os.lstat(journal.path)
+                if same.st_nlink == 0 or (same.st_dev, same.st_ino) != (now.st_dev, now.st_ino):
+                    raise OSError("taken over already")
+            except OSError:
+                os.close(fd)
+                continue
+            claimed.append((journal, fd))
+        return claimed
+
+    def _take_over(self, claimed: list[tuple[_journal.Journal, int]]) -> None:
+        """Hold what the dead trackers of *claimed* held, as registrations
+        of this program ("reg"), with their recorded identity; wait for their
+        programs' processes too; remove their journals once ours has it all."""
+        if not claimed:
+            return
+        taken: set[Key] = set()
+        for journal, _fd in claimed:
+            for address in self._addresses(journal):
+                needle = f"MPSHM_TRACKER={address}".encode()
+                if needle not in self.needles:
+                    self.needles.append(needle)
+            started = journal.header.get("t")
+            by = float(started) if isinstance(started, (int, float)) else None
+            # Who may still run of that program: its tracker's starter and
+            # parent, and the processes that registered what it held (each
+            # started before its last registration, by when it was read).
+            pids: dict[Any, Optional[float]] = {journal.header.get(k): by
+                                                for k in ("starter", "parent")}
+            for key, record in journal.entries.items():
+                when = record.get("t")
+                if isinstance(when, (int, float)):
+                    pid = record.get("pid")
+                    pids[pid] = max(float(when), pids.get(pid) or 0.0)
+                if key in self.entries:
+                    continue
+                msg: dict[str, Any] = {"op": "reg", "b": key[0], "i": key[1],
+                                       "id": record.get("id"), "adopted": True}
+                for name in ("pid", "t", "m", "p"):
+                    if record.get(name) is not None:
+                        msg[name] = record[name]
+                self.entries[key] = msg
+                self.journal.put(key, msg)
+                taken.add(key)
+            for pid, by_time in pids.items():
+                if (
+                    isinstance(pid, int)
+                    and not isinstance(pid, bool)
+                    and pid > 0
+                    and pid not in self.watched
+                    and alive(pid, by_time)
+                ):
+                    start = start_time(pid)
+                    if start is not None:
+                        self.watched[pid] = start
+        self.journal.flush(self.entries)
+        mine = _journal.read(self.journal.path)
+        safe = mine is not None and taken <= set(mine.entries)
+        for journal, fd in claimed:
+            if safe:  # else left for ``mpshm gc`` (and prune_journals) to find
+                try:
+                    os.unlink(journal.path)
+                except OSError:
+                    pass
+            os.close(fd)
 
     def handle(self, messages: list[dict[str, Any]], conn: Optional[socket.socket] = None) -> None:
         """Apply the register/unregister messages that came on *conn*.
@@ -184,7 +367,7 @@ class Tracker:
                 if key not in self.entries and last_unreg.get(key, -1) > n:
                     unjournaled.add(key)
                 elif key not in unjournaled:
-                    self._journal_put(key, msg)
+                    msg = self._journal_put(key, msg)
                 self.entries[key] = msg
                 owner = conn if op == "own" else None
                 if op == "join":  # owned by the scope it names, while that is open
@@ -210,25 +393,59 @@ class Tracker:
                     if len(self.gone) > _GONE:
                         self.gone.popitem(last=False)
 
-    def _journal_put(self, key: tuple[str, str], msg: dict[str, Any]) -> None:
+    def _journal_put(self, key: Key, msg: dict[str, Any]) -> dict[str, Any]:
         """Journal a registration with the storage object's identity, so that
-        ``mpshm gc`` can tell it from a later object of the same name. Backends
-        with random names send none (they need none to be destroyed safely):
-        it is looked up here, off the creating process's path. A segment
-        already gone is not journaled (a later one of its name is not ours)."""
-        if msg.get("id") is None and not msg.get("m"):
+        ``mpshm gc`` (or a replacement) can tell it from a later object of
+        the same name; return the registration as the entry to hold.
+
+        Backends with random names send none: it is looked up here, off the
+        creating process's path, and marked as looked up (``seen``): such a
+        name is registered before the segment is made, so what is there now
+        may be half made (an identity that includes the size, say), and is
+        checked again later (:meth:`_verify`); :meth:`destroy` does not go by
+        it. A segment not there (gone already, or not made yet) is not
+        journaled now (but looked for again: see :meth:`_verify`)."""
+        if msg.get("id") is None:
             from . import backends
 
             try:
+                if msg.get("m") and key[0] not in backends.registry:
+                    _load_backend(backends, key[0], str(msg["m"]), msg.get("p") or [])
                 backend = backends.get(key[0])
                 if backend.unique_names:
                     identity = backend.identity(key[1])
+                    self.recent[0].append((time.monotonic() + _VERIFY_AFTER[0], key, identity))
                     if identity is None:
-                        return
-                    msg = {**msg, "id": identity}
+                        return msg
+                    msg = {**msg, "id": identity, "seen": True}
             except Exception:
                 pass
         self.journal.put(key, msg)
+        return msg
+
+    def _verify(self) -> None:
+        """Look up again, at each of ``_VERIFY_AFTER`` seconds on, the
+        identities :meth:`_journal_put` looked up (or found none for), and
+        journal any that changed or appeared: the segment was still being
+        made then."""
+        from . import backends
+
+        now = time.monotonic()
+        for stage, queue in enumerate(self.recent):
+            while queue and queue[0][0] <= now:
+                _, key, seen = queue.popleft()
+                entry = self.entries.get(key)
+                if entry is None or entry.get("id") != seen or (seen and not entry.get("seen")):
+                    continue  # unregistered, or registered again since
+                try:
+                    identity = backends.get(key[0]).identity(key[1])
+                except Exception:
+                    continue
+                if identity is not None and identity != seen:
+                    self.entries[key] = {**entry, "id": identity, "seen": True}
+                    self.journal.put(key, self.entries[key])
+                if stage + 1 < len(self.recent):
+                    self.recent[stage + 1].append((now + _VERIFY_AFTER[stage + 1], key, identity))
 
     def closed(self, conn: socket.socket) -> None:
         """*conn* ended: destroy what it owns (registered with "own", or
@@ -249,7 +466,10 @@ class Tracker:
         }
         if self.watched:
             return True
-        self.watched = carriers([self.needle]).get(self.needle, {})
+        if self.starter and self.starter_start and start_time(self.starter) == self.starter_start:
+            return True
+        found = carriers(self.needles)
+        self.watched = {pid: start for pids in found.values() for pid, start in pids.items()}
         return bool(self.watched)
 
     def _accept(self, selector: selectors.BaseSelector) -> None:
@@ -257,27 +477,46 @@ class Tracker:
             conn, _ = self.listener.accept()
         except OSError:
             return
-        if _peer(conn)[1] != os.getuid():  # only our own user may talk to us
+        # Only our own user may talk to us. SO_PEERCRED gives the effective
+        # uid the peer had when it connected; messages are checked one by
+        # one as well (_receive), for a process that changes user later.
+        uid = _protocol.peer(conn)[1]
+        if uid is not None and uid != os.geteuid():
             conn.close()
             return
         self.conns[conn] = _protocol.Decoder()
         selector.register(conn, selectors.EVENT_READ)
 
     def _receive(self, selector: selectors.BaseSelector, conn: socket.socket) -> bool:
-        """Read what *conn* has queued; return whether there were messages."""
+        """Read what *conn* has queued; return whether there were messages.
+
+        Where the kernel attaches each message's sender (Linux), a message
+        from a process of another user is dropped whole: a process of the
+        program that inherited a connection (the socket pair, say) and then
+        switched to another user must not have us destroy what it names."""
         decoder = self.conns[conn]
         messages: list[dict[str, Any]] = []
         received = False
         while True:  # drain what is queued, one packet (or chunk) at a time
             try:
-                data = conn.recv(1 << 16, socket.MSG_DONTWAIT)
+                if _protocol.PASSCRED:
+                    data, ancdata, _flags, _addr = conn.recvmsg(
+                        1 << 16, _protocol.CREDENTIALS_SPACE, socket.MSG_DONTWAIT
+                    )
+                else:
+                    data, ancdata = conn.recv(1 << 16, socket.MSG_DONTWAIT), []
             except BlockingIOError:
                 self.handle(messages, conn)
                 return received
             except OSError:
-                data = b""
+                data, ancdata = b"", []
+            sender = _protocol.sender(ancdata) if ancdata else None
             if not data:
+                if sender is not None:
+                    continue  # an empty packet (credentials attached), not end-of-file
                 break
+            if sender is not None and sender[1] not in self.uids:
+                continue
             received = True
             messages.extend(decoder.feed(data))
         self.handle(messages, conn)
@@ -332,7 +571,8 @@ class Tracker:
                     time.sleep(pause)
                     timeout: Optional[float] = 0
                 else:
-                    timeout = None if self.conns and not self.watched else _POLL
+                    busy = self.watched or any(self.recent)
+                    timeout = None if self.conns and not busy else _POLL
                 self.received = 0
                 for key, _ in selector.select(timeout):
                     if key.fileobj is self.listener:
@@ -345,20 +585,37 @@ class Tracker:
                     pause = min(_BATCH, max(_BATCH_MIN, pause * _BATCH_TARGET / self.received))
                 else:  # (gradually: bursts of creations come with short gaps)
                     pause = min(_BATCH, pause * 2)
+                if any(self.recent):
+                    self._verify()
                 self.journal.flush(self.entries)
                 # Before deciding, take in whoever connected meanwhile.
                 if not self.conns and not self.still_running() and not selector.select(0):
                     return
 
-    def destroy(self, key: tuple[str, str], msg: dict[str, Any]) -> None:
-        """Destroy one registered segment, if it is still the one registered."""
+    def destroy(self, key: Key, msg: dict[str, Any]) -> None:
+        """Destroy one registered segment, if it is still the one registered.
+
+        Only by identity: the one registered, or for a backend whose names
+        are random (nobody else has them) what the name holds now, the
+        registration having come from a process of the program. A taken-over
+        entry (:meth:`_take_over`) goes by its journaled identity only, and
+        one without is left alone, as is a name anyone may choose registered
+        without identity: a later object may have that name."""
         from . import backends
 
         backend_name, ident = key
         try:
             if msg.get("m") and backend_name not in backends.registry:
                 _load_backend(backends, backend_name, str(msg["m"]), msg.get("p") or [])
-            backends.get(backend_name).destroy(ident, msg.get("id"))
+            backend = backends.get(backend_name)
+            identity = None if msg.get("seen") else msg.get("id")
+            if identity is None:
+                if msg.get("adopted") or not backend.unique_names:
+                    return
+                identity = backend.identity(ident)
+                if identity is None:
+                    return  # gone already
+            backend.destroy(ident, str(identity))
         except Exception:
             pass
 
@@ -408,14 +665,24 @@ def _load_backend(backends: Any, name: str, spec: str, path: list[str]) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Run the tracker (see the module docstring)."""
+    """Run the tracker, or a delivery helper (see the module docstring)."""
     args = sys.argv[1:] if argv is None else argv
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
+    if args and args[0] == "deliver":
+        from .tracking import _deliver
+
+        _deliver(int(args[1]), int(args[2]))
+        return
+    adopt: list[str] = []
+    while "--adopt" in args:
+        at = args.index("--adopt")
+        adopt.append(args[at + 1])
+        args = args[:at] + args[at + 2 :]
     conn = socket.socket(fileno=int(args[0]))
     listener = socket.socket(fileno=int(args[1]))
     parent = int(args[2]) if len(args) > 2 else None
-    tracker = Tracker(conn, listener, parent)
+    tracker = Tracker(conn, listener, parent, adopt)
     try:
         tracker.run()
     finally:

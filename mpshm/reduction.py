@@ -241,6 +241,12 @@ def attach_owner(
     message (see :class:`mpshm._cache.MappingCache`), else a new attachment's
     (kept for later with *cache*)."""
     check_machine(made_on, name)
+    if not (isinstance(backend, str) and isinstance(ident, str)
+            and backends.names_agree(backends.get(backend), ident, name)):
+        raise HandleError(
+            f"invalid shared memory handle: its name {name!r} does not name its segment "
+            f"{ident!r} ({backend!r} backend); it was forged or damaged"
+        )
     with _lock:
         owner = _owners.get((backend, ident))
     if owner is not None and _mapped(owner):
@@ -642,7 +648,9 @@ class _Collector:
             return False
         finalizer.detach()
         forget_mapping(owner)  # this process's later pickles copy it
-        self.carrier.registry().register(backends.get(handle.backend), handle.ident, None)
+        chosen = backends.get(handle.backend)  # (made here: a claim proves it on SysV)
+        self.carrier.registry().register(chosen, handle.ident,
+                                         chosen.claim_identity(handle.ident, os.getpid()))
         return True
 
     def _copy_from_slab(self, arr: numpy.ndarray, owner: Any) -> Any:

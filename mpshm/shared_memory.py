@@ -73,23 +73,44 @@ def _owner_check(value: Any) -> str:
 
 def _check_owner(attachment: Attachment, name: str, policy: str) -> None:
     """Apply *policy* (see ``owner_check=``) to an attached segment; on
-    ``"error"``, close *attachment* and raise PermissionError."""
+    ``"error"``, close *attachment* and raise PermissionError.
+
+    The creator counts as much as the owner where the storage records one
+    (System V): the kernel grants a segment's creator every right its owner
+    has, and the creator may give the segment to any owner, this user
+    included, while keeping them."""
     uid, mode = attachment.uid, attachment.mode
     if policy == "ignore" or uid is None or mode is None:
         return
     me = os.geteuid()
-    if uid == me and not mode & 0o077:
+    creator = attachment.creator_uid
+    foreign_creator = creator is not None and creator != me
+    if uid == me and not mode & 0o077 and not foreign_creator:
         return
-    if uid != me:
-        risk = "another user owns it"
-    elif mode & 0o022:
+    if mode & 0o022:
         risk = "other users can change it"
-    else:
+    elif mode & 0o044:
         risk = "other users can read it"
+    elif mode & 0o077:
+        risk = "other users have access to it"
+    else:
+        risk = ""
+    if risk and not mode & 0o007:  # only through the group: say which
+        groups = sorted({g for g in (attachment.gid, attachment.creator_gid) if g is not None})
+        if groups:
+            risk += " (the members of group " + " and of group ".join(map(str, groups)) + ")"
+    if foreign_creator:
+        risk = (f"uid {creator} created it, and its creator keeps every right over it "
+                "whatever its owner and mode say (to read, change or remove it, or give it "
+                "to another owner)") + (f"; {risk}" if risk else "")
+        found = f"was created by uid {creator} (owner uid {uid}, mode {mode:04o})"
+    else:
+        if uid != me:
+            risk = "another user owns it" + (f"; {risk}" if risk else "")
+        found = f"is owned by uid {uid} with mode {mode:04o}"
     message = (
-        f"The shared memory segment is owned by uid {uid} with mode {mode:04o}, not by "
-        f"you (uid {me}) with mode 0600 as mpshm creates segments: {risk}. "
-        "Pass owner_check='ignore' to accept such a segment"
+        f"The shared memory segment {found}, not by you (uid {me}) with mode 0600 as "
+        f"mpshm creates segments: {risk}. Pass owner_check='ignore' to accept such a segment"
     )
     if policy == "error":
         attachment.close()
@@ -196,25 +217,7 @@ class SharedMemory:
             attachment = chosen.attach(ident, options)
             _check_owner(attachment, name or ident, policy)
         elif ident is not None:
-            if track:
-                # A user's name is registered once created (it may be taken);
-                # a tracker started first keeps a kill in between from leaking
-                # it for the whole time a tracker takes to start.
-                try:
-                    tracking.ensure_running()
-                except Exception:  # register() below warns that it cannot track
-                    pass
-            attachment = chosen.create(ident, size, options)
-            if track:
-                try:
-                    tracking.register(chosen, ident, attachment.identity)
-                except BaseException:  # never leave a segment nobody knows of
-                    attachment.close()
-                    try:
-                        chosen.unlink(ident)
-                    except OSError:
-                        pass
-                    raise
+            attachment = _create_named(chosen, ident, size, options, tracking if track else None)
         else:
             registry = tracking if track else None
             attachment, ident = _create_generated(chosen, size, options, registry)
@@ -255,6 +258,13 @@ class SharedMemory:
             raise reduction.HandleError(
                 f"invalid shared memory handle: {ident!r} is not a canonical identifier of "
                 f"the {backend} backend"
+            )
+        if not backends.names_agree(chosen, ident, name):
+            # One handle, one segment: a name that is not the identifier's would
+            # make .name report one segment while buf and unlink() use another.
+            raise reduction.HandleError(
+                f"invalid shared memory handle: its name {name!r} does not name its "
+                f"segment {chosen.qualified(ident)!r}; it was forged or damaged"
             )
         self = cls.__new__(cls)
         try:
@@ -393,7 +403,9 @@ def _generate(
         if registry is not None:
             # Registered before it exists, so that a kill during creation
             # cannot leak it (the name is random: nobody else has it).
-            registered = registry.register(chosen, ident, None)
+            # Where the storage records each segment's creator, a claim naming
+            # this process proves it ours from the first moment.
+            registered = registry.register(chosen, ident, chosen.claim_identity(ident, os.getpid()))
         try:
             result, identity = make(ident)
         except BaseException as exc:
@@ -405,6 +417,107 @@ def _generate(
         if registered and identity is not None and not chosen.unique_names:
             registry.register(chosen, ident, identity)  # type: ignore[union-attr]
         return result, ident
+
+
+def _create_named(
+    chosen: Backend, ident: str, size: int, options: Mapping[str, Any],
+    registry: Optional[_Registry],
+) -> Attachment:
+    """Create and map segment *ident* (a user's name) of *size* bytes,
+    registered with *registry* (None: untracked) so that a kill at any moment
+    leaves nothing behind, and nothing of anyone else's is destroyed.
+
+    Where the storage can give an existing segment a second name
+    (:meth:`~mpshm.backends.Backend.link`), the segment is made under a fresh
+    random name first (registered before it exists, as generated ones are),
+    then registered under the user's name with its identity, and only then
+    linked to that name: at every moment each name that exists is registered
+    with an identity that proves it is this segment. Elsewhere the name is
+    registered as soon as the segment exists, with a tracker already running.
+    """
+    if registry is None:
+        return chosen.create(ident, size, options)
+    if chosen.identity(ident) is not None:  # taken: fail before registering anything
+        raise FileExistsError(errno.EEXIST, "A shared memory segment of that name exists",
+                              chosen.qualified(ident))
+    staged = _generate_sibling(chosen, ident, size, options, registry)
+    if staged is None:
+        return _create_then_register(chosen, ident, size, options, registry)
+    attachment, sibling = staged
+    linked = False
+    try:
+        registry.register(chosen, ident, attachment.identity)
+        try:
+            chosen.link(sibling, ident)
+            linked = True
+        finally:
+            if not linked:
+                registry.unregister(chosen.name, ident)
+    except NotImplementedError:  # this filesystem has no hard links after all
+        pass
+    finally:
+        if not linked:
+            attachment.close()
+        try:
+            chosen.unlink(sibling)
+        except OSError:
+            pass
+        registry.unregister(chosen.name, sibling)
+    if linked:
+        return attachment
+    return _create_then_register(chosen, ident, size, options, registry)
+
+
+def _generate_sibling(
+    chosen: Backend, ident: str, size: int, options: Mapping[str, Any], registry: _Registry,
+) -> Optional[tuple[Attachment, str]]:
+    """A new segment under a fresh random name that can be linked to *ident*
+    (registered before it exists), or None where the storage cannot link."""
+    while True:
+        sibling = chosen.sibling(ident)
+        if sibling is None:
+            return None
+        registry.register(chosen, sibling, None)
+        try:
+            return chosen.create(sibling, size, options), sibling
+        except FileExistsError:
+            registry.unregister(chosen.name, sibling)
+        except BaseException:
+            registry.unregister(chosen.name, sibling)
+            raise
+
+
+def _create_then_register(
+    chosen: Backend, ident: str, size: int, options: Mapping[str, Any], registry: _Registry,
+) -> Attachment:
+    """Create *ident*, then register it with its identity (storages that cannot
+    link). A claim sent first names the creating process, so that a kill
+    between creation and registration leaves a segment the tracker can still
+    prove is this process's (see :meth:`~mpshm.backends.Backend.claim`)."""
+    claim = chosen.claim_identity(ident, os.getpid())
+    if claim is not None:
+        registry.register(chosen, ident, claim)
+    else:
+        try:
+            tracking.ensure_running()  # a kill while one starts would leak it
+        except Exception:  # register() below warns that it cannot track
+            pass
+    try:
+        attachment = chosen.create(ident, size, options)
+    except BaseException:
+        if claim is not None:
+            registry.unregister(chosen.name, ident)
+        raise
+    try:
+        registry.register(chosen, ident, attachment.identity)
+    except BaseException:  # never leave a segment nobody knows of
+        attachment.close()
+        try:
+            chosen.unlink(ident)
+        except OSError:
+            pass
+        raise
+    return attachment
 
 
 def _create_generated(

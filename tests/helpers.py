@@ -238,3 +238,41 @@ def vanishing(backend: str) -> mpshm.SharedMemory:
 def nap(seconds: float) -> None:
     """A pool task that sleeps."""
     time.sleep(seconds)
+
+
+# -- another local user (as root: a forked child that drops to an unused uid) --
+
+#: Unused uids that play other local users (no passwd entry is needed).
+OTHER_UIDS = (65534, 65533)
+
+
+def require_root() -> None:
+    """Skip (or, in CI with ``MPSHM_REQUIRE_UNSHARE``, fail) unless running as
+    root, which playing another user with ``setuid`` needs."""
+    import pytest
+
+    if os.geteuid() != 0:
+        if os.environ.get("MPSHM_REQUIRE_UNSHARE"):
+            pytest.fail("this test plays another user with setuid: it must run as root")
+        pytest.skip("this test plays another user with setuid: run it as root")
+
+
+def as_other_user(action: Callable[[], Any], uid: int = OTHER_UIDS[0]) -> None:
+    """Run *action* in a forked child running as *uid* (its gid too, no
+    supplementary groups); raise if it failed."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child)
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            action()
+            code = 0
+        except BaseException as exc:
+            print(f"as uid {uid}: {exc!r}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
+        f"the other user's action failed (status {status})")

@@ -580,6 +580,30 @@ def _victim_create(backend: str, rng: random.Random, survivors: list[str], _out:
             _survivor_check(rng.choice(survivors))
 
 
+def _victim_named(backend: str, rng: random.Random, survivors: list[str], _out: int,
+                  _driver_kills: bool) -> None:
+    """Segments under names of the user's own (registered around their
+    creation, unlike generated ones), some large enough that a kill often
+    lands while their space is being reserved."""
+    held: list[mpshm.SharedMemory] = []
+    for i in _until_killed():
+        size = rng.choice([4096, 256 * KiB, 8 * MiB, 32 * MiB])
+        name = f"named_{rng.getrandbits(64):016x}"
+        shm = mpshm.SharedMemory(name, create=True, size=size, backend=backend)
+        shm.buf[:16] = pattern(shm.name, 16)
+        if rng.random() < 0.5:
+            shm.close()
+            shm.unlink()
+        else:
+            held.append(shm)  # left to the tracker
+            if len(held) > 4:  # (bounded: the namespace's tmpfs is small)
+                old = held.pop(0)
+                old.close()
+                old.unlink()
+        if i % 20 == 0:
+            _survivor_check(rng.choice(survivors))
+
+
 def _victim_pickle(backend: str, rng: random.Random, survivors: list[str], _out: int,
                    _driver_kills: bool) -> None:
     kept = []
@@ -696,8 +720,8 @@ def _victim_manager(backend: str, rng: random.Random, survivors: list[str], out:
     os._exit(0)  # the manager's server is dead: no shutdown to wait for
 
 
-_VICTIMS = {"create": _victim_create, "pickle": _victim_pickle, "map": _victim_map,
-            "manager": _victim_manager}
+_VICTIMS = {"create": _victim_create, "named": _victim_named, "pickle": _victim_pickle,
+            "map": _victim_map, "manager": _victim_manager}
 
 
 def _read_lines(fd: int) -> list[dict[str, Any]]:

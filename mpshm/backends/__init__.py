@@ -36,6 +36,7 @@ __all__ = [
     "available",
     "get",
     "get_default_backend",
+    "names_agree",
     "register",
     "registry",
     "resolve",
@@ -195,3 +196,30 @@ def resolve(
         chosen = explicit or get(get_default_backend())
         ident = name
     return chosen, chosen.parse(ident, options)
+
+
+def names_agree(backend: Backend, ident: str, name: Any) -> bool:
+    """Whether *name* (what a pickled handle reports as ``.name``) names the
+    segment *ident* of *backend* (what the handle attaches and ``unlink()``
+    removes): its qualified name, a name with the backend's scheme that
+    parses to *ident*, or a bare name that *ident* ends with (a bare mmap
+    name is a file in the sender's directory, which may differ from ours).
+    """
+    if not isinstance(name, str):
+        return False
+    if name == backend.qualified(ident):
+        return True
+    match = _SCHEME.fullmatch(name)
+    if match and match.group(1) in _registry:
+        if match.group(1) != backend.name:
+            return False
+        try:
+            return backend.parse(match.group(2), {}) == ident
+        except (ValueError, TypeError):
+            return False
+    try:
+        if backend.parse(name, {}) == ident:
+            return True
+    except (ValueError, TypeError):
+        return False
+    return "/" not in name and ident.endswith("/" + name)

@@ -232,11 +232,17 @@ class Attachment(abc.ABC):
     buf: Optional[memoryview]
     #: Identity of the storage object (see :meth:`Backend.identity`), if known.
     identity: Optional[str] = None
-    #: Owner (numeric user id) and permission bits of the storage object, as
-    #: an attach found them (None: not known, or created by this process).
-    #: :class:`~mpshm.SharedMemory` checks them (its ``owner_check=``).
+    #: Owner (numeric user and group ids) and permission bits of the storage
+    #: object, as an attach found them (None: not known, or created by this
+    #: process). :class:`~mpshm.SharedMemory` checks them (its ``owner_check=``).
     uid: Optional[int] = None
+    gid: Optional[int] = None
     mode: Optional[int] = None
+    #: Who created it, where the storage records a creator apart from the
+    #: owner (System V: the kernel grants its creator every right the owner
+    #: has, and the creator may hand ownership to anyone); None elsewhere.
+    creator_uid: Optional[int] = None
+    creator_gid: Optional[int] = None
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -258,6 +264,7 @@ class MmapAttachment(Attachment):
         self.identity = identity
         if st is not None:  # what an attach's fstat found
             self.uid = st.st_uid
+            self.gid = st.st_gid
             self.mode = stat.S_IMODE(st.st_mode)
 
     def close(self) -> None:
@@ -376,22 +383,58 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def identity(self, ident: str) -> Optional[str]:
-        """Return a string that tells this storage object from a later one of
-        the same name (an inode, a SysV id), or None if *ident* is absent."""
+        """Return a string that tells this storage object from any later one
+        of the same name, or None if *ident* is absent.
+
+        It must hold something a new object cannot share with the old one
+        (an inode number alone is reused at once on ext4): the built-in
+        backends use what the kernel records at creation and never changes,
+        or a random token written at creation. Attaching gives the same
+        string for the same object (``Attachment.identity``).
+        """
 
     def destroy(self, ident: str, identity: Optional[str]) -> bool:
         """Unlink *ident* if it is still the object with *identity*.
 
-        Used by the tracker at cleanup time, so that a name someone else
-        reused in the meantime is left alone. Returns True if removed.
+        Used by the tracker at cleanup time and by ``mpshm gc``, so that a
+        name reused in the meantime, by anyone, is left alone. Without an
+        identity (None) nothing is destroyed: a name is no proof. Returns
+        True if removed.
         """
-        if identity is not None and self.identity(ident) != identity:
+        if not self.proves(identity, self.identity(ident)):
             return False
         try:
             self.unlink(ident)
         except FileNotFoundError:
             return False
         return True
+
+    def proves(self, recorded: Optional[str], current: Optional[str]) -> bool:
+        """Whether *current* (what :meth:`identity` says now) is the object
+        that *recorded* (what a registration recorded: an identity, or a
+        claim of :meth:`claim_identity`) names. Nothing proves an absent
+        object, nor anything with no record."""
+        return recorded is not None and current is not None and recorded == current
+
+    def sibling(self, ident: str) -> Optional[str]:
+        """A fresh random identifier for a segment that :meth:`link` can then
+        give the name *ident*, or None where the storage cannot (the default).
+
+        Creating under a user's name goes through it when it can, so that
+        the name is registered with its identity before it exists."""
+        return None
+
+    def link(self, ident: str, name: str) -> None:
+        """Give existing segment *ident* the further name *name* (canonical),
+        atomically; FileExistsError if *name* is taken. Only called for an
+        *ident* that :meth:`sibling` gave."""
+        raise NotImplementedError(f"the {self.name!r} backend cannot link segments")
+
+    def claim_identity(self, ident: str, pid: int) -> Optional[str]:
+        """A record, made before segment *ident* exists, that :meth:`proves`
+        accepts for the segment process *pid* then creates there, where the
+        storage records each segment's creator; None elsewhere (the default)."""
+        return None
 
     @abc.abstractmethod
     def list(self) -> list[SegmentInfo]:
@@ -447,12 +490,6 @@ def list_files(
             )
         )
     return found
-
-
-def fstat_identity(fd: int) -> str:
-    """Identity of an open file: device and inode."""
-    st = os.fstat(fd)
-    return f"{st.st_dev}:{st.st_ino}"
 
 
 #: How long attach waits for a creator to size a segment it just made.

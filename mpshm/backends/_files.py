@@ -9,15 +9,157 @@ the mmap backend works where that package is not installed.
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import mmap
 import os
+import random
+import stat
 import sys
 from typing import Optional
 
 from . import _huge
-from ._base import MmapAttachment, fstat_identity, no_space
+from ._base import MmapAttachment, no_space
 
-__all__ = ["after_attach", "check_free", "create_mapped", "reserve", "write_all"]
+__all__ = [
+    "after_attach",
+    "check_free",
+    "create_mapped",
+    "create_written",
+    "file_identity",
+    "lstat_identity",
+    "new_file",
+    "reserve",
+    "write_all",
+]
+
+
+# -- Identity ------------------------------------------------------------------
+#
+# A file's identity is ``<st_dev>:<st_ino>:<size>`` plus something a later
+# file cannot share with it: device and inode alone are no proof, as ext4
+# hands a freed inode number to the very next file created. Where the
+# filesystem keeps an inode generation (ext4, XFS, btrfs: a number it changes
+# whenever it reuses an inode), ``:g<generation>``; elsewhere (tmpfs, so every
+# POSIX segment) a random token mpshm writes into a new file's ``user.mpshm``
+# extended attribute, ``:x<token>``. Where the filesystem has neither
+# (hugetlbfs), or for a file not made by mpshm on a filesystem without
+# generations, the identity is ``<st_dev>:<st_ino>:<size>`` alone.
+
+#: ``FS_IOC_GETVERSION`` (``_IOR('v', 1, long)``): the inode generation.
+_FS_IOC_GETVERSION = 0x80087601
+#: The extended attribute holding the token of a file mpshm created.
+XATTR = "user.mpshm"
+#: What tells files apart on a device: the generation, the token, or neither.
+_GENERATION, _TOKEN, _NEITHER = "g", "x", ""
+#: The way found to work on each device (``st_dev``), so that creating and
+#: identifying files there does not pay for a failing call each time.
+_ways: dict[int, str] = {}
+#: Errors of a filesystem without generations or extended attributes.
+_UNSUPPORTED = frozenset({errno.ENOTTY, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS})
+_O_IDENTIFY = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
+
+
+def _plain(st: os.stat_result, size: Optional[int] = None) -> str:
+    """The identity without the part a later file cannot share."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size if size is None else size}"
+
+
+def _token(value: bytes) -> str:
+    """The token a ``user.mpshm`` attribute holds, safe for any message
+    (one written by someone else may hold anything)."""
+    if 0 < len(value) <= 64 and value.isascii() and value.isalnum():
+        return value.decode("ascii")
+    return "h" + hashlib.sha256(value).hexdigest()[:32]
+
+
+def file_identity(fd: int, st: os.stat_result, size: Optional[int] = None,
+                  mark: bool = False) -> str:
+    """The identity of open regular file *fd* (see above), whose ``fstat``
+    is *st* and whose size is *size* (default: ``st.st_size``).
+
+    With *mark* (a file this process has just created and sized), a token is
+    written into it first where the filesystem has no generation.
+    """
+    dev = st.st_dev
+    base = _plain(st, size)
+    way = _ways.get(dev)
+    if way is None or way == _GENERATION:
+        try:
+            generation = fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8))
+        except OSError as exc:
+            if exc.errno not in _UNSUPPORTED:
+                return base
+        else:
+            _ways[dev] = _GENERATION
+            return f"{base}:g{int.from_bytes(generation, sys.byteorder)}"
+    if way == _NEITHER:
+        return base
+    try:
+        if mark:
+            # Unique is enough (it is no secret, and nobody else may write our
+            # files): the random module's generator, reseeded in forked
+            # children, costs a tenth of reading the kernel's randomness.
+            token = f"{random.getrandbits(64):016x}"
+            os.setxattr(fd, XATTR, token.encode("ascii"), os.XATTR_CREATE)
+        else:
+            token = _token(os.getxattr(fd, XATTR))
+    except OSError as exc:
+        if exc.errno in _UNSUPPORTED:
+            _ways[dev] = _NEITHER
+        elif exc.errno == errno.ENODATA:
+            _ways[dev] = _TOKEN
+        return base
+    _ways[dev] = _TOKEN
+    return f"{base}:x{token}"
+
+
+def lstat_identity(path: str) -> Optional[tuple[os.stat_result, str]]:
+    """The ``lstat`` of *path* and the identity of what is there (see
+    :func:`file_identity`), or None if nothing is. Something other than a
+    regular file (a symbolic link, say) gets ``<st_dev>:<st_ino>:<size>``:
+    never the identity of a file mpshm made, and never opened."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    base = _plain(st)
+    if not stat.S_ISREG(st.st_mode):
+        return st, base
+    way = _ways.get(st.st_dev)
+    if way == _NEITHER:
+        return st, base
+    if way == _TOKEN:  # no need to open it: lstat and getxattr
+        try:
+            value = os.getxattr(path, XATTR, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno in _UNSUPPORTED:
+                _ways[st.st_dev] = _NEITHER
+            return st, base
+        return st, f"{base}:x{_token(value)}"
+    # The generation needs an open file (O_NONBLOCK, O_NOFOLLOW: whatever
+    # replaced the file meanwhile, the open neither blocks nor follows).
+    try:
+        fd = os.open(path, _O_IDENTIFY)
+    except OSError:
+        return st, base
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return st, _plain(st)
+        return st, file_identity(fd, st)
+    finally:
+        os.close(fd)
+
+
+def new_file(fd: int) -> os.stat_result:
+    """``fstat`` of a file this process has just created, with mode 0600
+    whatever the umask took from the mode it was created with."""
+    st = os.fstat(fd)
+    if stat.S_IMODE(st.st_mode) != 0o600:
+        os.fchmod(fd, 0o600)
+        st = os.fstat(fd)
+    return st
 
 
 def _is_space_error(exc: OSError) -> bool:
@@ -154,6 +296,15 @@ def write_all(fd: int, data: memoryview, storage: str, where: Optional[str],
         raise
 
 
+def create_written(fd: int, data: memoryview, storage: str, where: Optional[str],
+                   remedy: str) -> str:
+    """Fill new file *fd* with *data* (see :func:`write_all`), mode 0600;
+    return its identity."""
+    st = new_file(fd)
+    write_all(fd, data, storage, where, remedy)
+    return file_identity(fd, st, data.nbytes, mark=True)
+
+
 def _fallocate(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
     """``posix_fallocate`` of an already sized file, with :func:`reserve`'s errors."""
     try:
@@ -183,6 +334,7 @@ def create_mapped(
     filesystem fails there with ENOSPC, never a SIGBUS later). Anything else:
     normal pages.
     """
+    st = new_file(fd)
     if huge == "advise":
         check_free(size, storage, where, remedy)
         try:
@@ -191,7 +343,8 @@ def create_mapped(
             if _is_space_error(exc):
                 raise _space_error(size, storage, where, remedy) from None
             raise
-        attachment = MmapAttachment(fd, size, fstat_identity(fd), kernel_address=True)
+        identity = file_identity(fd, st, size, mark=True)
+        attachment = MmapAttachment(fd, size, identity, kernel_address=True)
         try:
             assert attachment.buf is not None
             address = _huge.address_of(attachment.buf)
@@ -206,7 +359,6 @@ def create_mapped(
             attachment.close()
             raise
         return attachment
-    st = os.fstat(fd)
     if st.st_blksize > mmap.PAGESIZE and where is not None:
         page = _huge.hugetlbfs_page_size(where)
         if page:
@@ -218,8 +370,9 @@ def create_mapped(
             size = -(-size // page) * page
             huge = "hugetlbfs"
     reserve(fd, size, storage, where, remedy)
+    identity = file_identity(fd, st, size, mark=True)  # sized (and rounded) first
     aligned = huge in ("always", "within_size", "hugetlbfs")
-    return MmapAttachment(fd, size, f"{st.st_dev}:{st.st_ino}", st, kernel_address=aligned)
+    return MmapAttachment(fd, size, identity, st, kernel_address=aligned)
 
 
 def after_attach(attachment: MmapAttachment, huge: Optional[str], prefault: bool) -> None:

@@ -29,12 +29,11 @@ from ._base import (
     Backend,
     MmapAttachment,
     SegmentInfo,
-    fstat_identity,
     list_files,
     random_token,
     sized_stat,
 )
-from ._files import after_attach, create_mapped, write_all
+from ._files import after_attach, create_mapped, create_written, file_identity, lstat_identity
 
 __all__ = ["MmapBackend", "default_dir"]
 
@@ -55,8 +54,9 @@ def check_dir(path: str, create: bool) -> None:
     """Make sure *path* is a directory it is safe to put segments in.
 
     Refuses a symbolic link, a directory owned by another user, and one that
-    others may write to without the sticky bit. Creates it (mode 0700) when
-    *create* is true and it does not exist.
+    others may write to without the sticky bit. Creates it (mode 0700, and
+    any missing parent too, whatever the umask) when *create* is true and
+    it does not exist.
     """
     try:
         st = os.lstat(path)
@@ -66,7 +66,7 @@ def check_dir(path: str, create: bool) -> None:
                 errno.ENOENT, "The mmap backend's directory does not exist", path
             ) from None
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            _make_dirs(path)
             st = os.lstat(path)
         except OSError as exc:
             raise OSError(
@@ -95,6 +95,31 @@ def check_dir(path: str, create: bool) -> None:
             "backend: anyone could replace its files",
             path,
         )
+
+
+def _make_dirs(path: str) -> None:
+    """``os.makedirs(path)`` with mode 0700 for each directory it creates,
+    exactly: a umask such as 0277 would leave them 0500, unusable."""
+    parent = os.path.dirname(path)
+    if parent != path and not os.path.lexists(parent):
+        _make_dirs(parent)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        return
+    if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
+        os.chmod(path, 0o700, follow_symlinks=False)
+
+
+def _safe_parent(st: os.stat_result) -> bool:
+    """Whether a directory (its ``fstat``) is one only this user can change
+    the files of: its own (not writable by others without the sticky bit),
+    or root's with the sticky bit (/tmp)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    if st.st_uid == os.geteuid():
+        return not st.st_mode & stat.S_IWOTH or bool(st.st_mode & stat.S_ISVTX)
+    return st.st_uid == 0 and bool(st.st_mode & stat.S_ISVTX)
 
 
 class MmapBackend(Backend):
@@ -152,6 +177,23 @@ class MmapBackend(Backend):
     def qualified(self, ident: str) -> str:
         return f"{self.name}:{ident}"
 
+    def sibling(self, ident: str) -> Optional[str]:
+        return os.path.join(os.path.dirname(ident), PREFIX + random_token())
+
+    def link(self, ident: str, name: str) -> None:
+        try:
+            os.link(ident, name, follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(
+                errno.EEXIST, "A file of that name exists", self.qualified(name)
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                # A filesystem without hard links (vfat, some FUSE ones).
+                raise NotImplementedError(
+                    f"{os.path.dirname(name)} cannot hold hard links") from None
+            raise
+
     _REMEDY = "Free space there, or pass dir= (or set MPSHM_DIR) to a larger filesystem."
 
     def _new(self, ident: str, options: Mapping[str, Any], fill: Callable[[int, str], Any]) -> Any:
@@ -191,8 +233,7 @@ class MmapBackend(Backend):
 
     def create_from(self, ident: str, data: memoryview, options: Mapping[str, Any]) -> str:
         def fill(fd: int, storage: str) -> str:
-            write_all(fd, data, storage, os.path.dirname(ident), self._REMEDY)
-            return fstat_identity(fd)
+            return create_written(fd, data, storage, os.path.dirname(ident), self._REMEDY)
 
         identity: str = self._new(ident, options, fill)
         return identity
@@ -221,7 +262,7 @@ class MmapBackend(Backend):
             huge = None
             if _huge.wants_huge(options, st.st_size):
                 huge = _huge.tmpfs_huge(os.path.dirname(ident))
-            attachment = MmapAttachment(fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st,
+            attachment = MmapAttachment(fd, st.st_size, file_identity(fd, st), st,
                                         kernel_address=huge in _huge.ALIGNED)
         finally:
             os.close(fd)
@@ -235,13 +276,56 @@ class MmapBackend(Backend):
             raise FileNotFoundError(
                 errno.ENOENT, "No such mmap segment (file)", self.qualified(ident)
             ) from None
+        except PermissionError as exc:
+            if exc.errno == errno.EPERM:  # a directory with the sticky bit
+                reason = "only the owner of this file (or of its directory, or root) may remove it"
+            else:
+                reason = "you may not change its directory"
+            raise PermissionError(
+                exc.errno, f"Cannot remove this mmap segment (file): {reason}",
+                self.qualified(ident),
+            ) from None
 
     def identity(self, ident: str) -> Optional[str]:
+        found = lstat_identity(ident)
+        return None if found is None else found[1]
+
+    def destroy(self, ident: str, identity: Optional[str]) -> bool:
+        """Unlink *ident* if it is still the file with *identity* (see
+        :meth:`Backend.destroy`): a regular file owned by this user, in a
+        directory only this user can change the files of (see :func:`_safe_parent`)."""
+        if identity is None:
+            return False
+        parent, base = os.path.split(ident)
         try:
-            st = os.lstat(ident)
+            # The directory checked is the one the file is removed from,
+            # whatever happens to the path leading to it meanwhile.
+            dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | _O_NOFOLLOW | _O_CLOEXEC)
         except OSError:
-            return None
-        return f"{st.st_dev}:{st.st_ino}"
+            return False
+        try:
+            if not _safe_parent(os.fstat(dir_fd)):
+                return False
+            found = lstat_identity(ident)
+            if found is None:
+                return False
+            st, now = found
+            if (not self.proves(identity, now) or not stat.S_ISREG(st.st_mode)
+                    or st.st_uid != os.geteuid()):
+                return False
+            try:
+                there = os.stat(base, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                return False
+            if (there.st_dev, there.st_ino) != (st.st_dev, st.st_ino):
+                return False
+            try:
+                os.unlink(base, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return False
+        finally:
+            os.close(dir_fd)
+        return True
 
     def list(self) -> list[SegmentInfo]:
         return list_files(default_dir(), self.name, lambda e: self.qualified(e.path))

@@ -26,13 +26,12 @@ from ._base import (
     Backend,
     MmapAttachment,
     SegmentInfo,
-    fstat_identity,
     is_utf8,
     list_files,
     random_token,
     sized_stat,
 )
-from ._files import after_attach, create_mapped, write_all
+from ._files import after_attach, create_mapped, create_written, file_identity, lstat_identity
 
 __all__ = ["PosixBackend"]
 
@@ -115,6 +114,18 @@ class PosixBackend(Backend):
     def qualified(self, ident: str) -> str:
         return ident
 
+    def sibling(self, ident: str) -> Optional[str]:
+        # Only where objects are files in /dev/shm, which can be hard-linked.
+        return PREFIX + random_token() if _DIRECT else None
+
+    def link(self, ident: str, name: str) -> None:
+        try:
+            os.link(SHM_DIR + _path(ident), SHM_DIR + _path(name), follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(
+                errno.EEXIST, "A POSIX shared memory segment of that name exists", name
+            ) from None
+
     @staticmethod
     def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
         """``shm_open``, with the standard library's exceptions.
@@ -193,8 +204,7 @@ class PosixBackend(Backend):
 
     def create_from(self, ident: str, data: memoryview, options: Mapping[str, Any]) -> str:
         def fill(fd: int) -> str:
-            write_all(fd, data, self.storage, SHM_DIR, self._REMEDY)
-            return fstat_identity(fd)
+            return create_written(fd, data, self.storage, SHM_DIR, self._REMEDY)
 
         identity: str = self._new(ident, fill)
         return identity
@@ -210,7 +220,7 @@ class PosixBackend(Backend):
                     "or the standard library, and not sized yet?)"
                 )
             huge = _huge.tmpfs_huge(SHM_DIR) if _huge.wants_huge(options, st.st_size) else None
-            attachment = MmapAttachment(shm.fd, st.st_size, f"{st.st_dev}:{st.st_ino}", st,
+            attachment = MmapAttachment(shm.fd, st.st_size, file_identity(shm.fd, st), st,
                                         kernel_address=huge in _huge.ALIGNED)
         finally:
             shm.close_fd()
@@ -225,23 +235,49 @@ class PosixBackend(Backend):
                 errno.ENOENT, "No such POSIX shared memory segment", ident
             ) from None
         except (PermissionError, posix_ipc.PermissionsError) as exc:
-            raise PermissionError(errno.EACCES, str(exc), ident) from None
+            raise PermissionError(
+                getattr(exc, "errno", None) or errno.EPERM,
+                "Only the owner of a POSIX shared memory segment (or root) may remove it",
+                ident,
+            ) from None
 
     def identity(self, ident: str) -> Optional[str]:
-        if _DIRECT:  # one lstat (a symlink is not a segment: shm_open does not follow it)
-            try:
-                st = os.lstat(SHM_DIR + _path(ident))
-            except OSError:
+        if _DIRECT:  # (a symlink is not a segment: shm_open does not follow it)
+            found = lstat_identity(SHM_DIR + _path(ident))
+            if found is None or not stat.S_ISREG(found[0].st_mode):
                 return None
-            return f"{st.st_dev}:{st.st_ino}" if stat.S_ISREG(st.st_mode) else None
+            return found[1]
         try:
             shm = self._open(ident, read_only=True)
         except OSError:
             return None
         try:
-            return fstat_identity(shm.fd)
+            return file_identity(shm.fd, os.fstat(shm.fd))
         finally:
             shm.close_fd()
+
+    def destroy(self, ident: str, identity: Optional[str]) -> bool:
+        """Unlink *ident* if it is still the object with *identity*, a regular
+        file in /dev/shm owned by this user (see :meth:`Backend.destroy`)."""
+        if identity is None:
+            return False
+        if not _DIRECT:
+            return super().destroy(ident, identity)
+        path = SHM_DIR + _path(ident)
+        found = lstat_identity(path)
+        if found is None:
+            return False
+        st, now = found
+        if (not self.proves(identity, now) or not stat.S_ISREG(st.st_mode)
+                or st.st_uid != os.geteuid()):
+            return False
+        # /dev/shm is sticky: nobody but this user (and root) can replace the
+        # file between the check and the unlink.
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return False
+        return True
 
     def list(self) -> list[SegmentInfo]:
         if not sys.platform.startswith("linux"):

@@ -15,6 +15,11 @@ making the segment with libc's ``shmget`` itself (through ctypes) and only
 attaching it with ``sysv_ipc``. Where libc cannot be loaded, it creates the
 segment read-only with ``sysv_ipc`` (which only fills writable attachments),
 then grants itself write permission and re-attaches.
+
+A segment's identity is ``<shmid>:<creator pid>:<creator uid>:<size>``: what
+the kernel records at creation and never changes (a later segment may get
+the same id, but not from the same process of the same user with the same
+size, short of the pid being reused too).
 """
 
 from __future__ import annotations
@@ -35,7 +40,13 @@ from ._base import Attachment, Backend, SegmentInfo, format_size, is_utf8, no_sp
 __all__ = ["SysVBackend", "key_for"]
 
 PROC_SHM = "/proc/sysvipc/shm"
+#: A record made before a segment exists (see :meth:`SysVBackend.claim_identity`):
+#: ``claim:<creator pid>:<creator uid>``.
+_CLAIM = "claim:"
 _NUMBER = re.compile(r"-?[0-9]+|0[xX][0-9a-fA-F]+")
+#: From this many bytes on, a limit (kernel.shmmax, shmall) is no limit: the
+#: kernel's defaults are near 2**64.
+_NO_LIMIT = 1 << 62
 _REMEDY = (
     "Raise the kernel limits (sysctl kernel.shmmax / kernel.shmall / kernel.shmmni), "
     "unlink unused segments (ipcs -m), or use the posix or mmap backend."
@@ -74,6 +85,9 @@ class _ProcEntry(NamedTuple):
     nattch: int
     uid: int
     ctime: int
+    gid: int = 0
+    cuid: int = 0
+    cgid: int = 0
 
 
 def _proc_segments() -> Optional[list[_ProcEntry]]:
@@ -98,6 +112,9 @@ def _proc_segments() -> Optional[list[_ProcEntry]]:
                 nattch=int(fields[6]),
                 uid=int(fields[7]),
                 ctime=int(fields[13]),
+                gid=int(fields[8]),
+                cuid=int(fields[9]),
+                cgid=int(fields[10]),
             )
         )
     return entries
@@ -111,11 +128,68 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
+def _meminfo(field: str) -> Optional[int]:
+    """A /proc/meminfo figure, in bytes."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+class _ShmidDs(ctypes.Structure):
+    """``struct shmid_ds`` of 64-bit Linux with glibc (x86-64 and arm64)."""
+
+    _fields_ = [
+        ("key", ctypes.c_int), ("uid", ctypes.c_uint), ("gid", ctypes.c_uint),
+        ("cuid", ctypes.c_uint), ("cgid", ctypes.c_uint), ("mode", ctypes.c_uint),
+        ("seq", ctypes.c_ushort), ("pad", ctypes.c_ushort),
+        ("reserved1", ctypes.c_ulong), ("reserved2", ctypes.c_ulong),
+        ("segsz", ctypes.c_size_t), ("atime", ctypes.c_long), ("dtime", ctypes.c_long),
+        ("ctime", ctypes.c_long), ("cpid", ctypes.c_int), ("lpid", ctypes.c_int),
+        ("nattch", ctypes.c_ulong), ("reserved4", ctypes.c_ulong), ("reserved5", ctypes.c_ulong),
+    ]
+
+
+#: Whether :class:`_ShmidDs` is this machine's layout; elsewhere
+#: /proc/sysvipc/shm tells the same (slower).
+_STAT_LAYOUT = (
+    sys.platform.startswith("linux") and os.uname().machine in ("x86_64", "aarch64")
+    and ctypes.sizeof(_ShmidDs) == 112
+)
+
+
+class _Stat(NamedTuple):
+    """What the kernel records of a segment (``IPC_STAT``)."""
+
+    key: int  # unsigned; 0 once removed (while still attached somewhere)
+    uid: int
+    gid: int
+    cuid: int
+    cgid: int
+    mode: int  # permission bits only
+    size: int
+    cpid: int
+
+    def identity(self, shmid: int) -> str:
+        """The segment's identity (see the module's docstring)."""
+        return _identity(shmid, self.cpid, self.cuid, self.size)
+
+
+def _identity(shmid: int, cpid: int, cuid: int, size: int) -> str:
+    return f"{shmid}:{cpid}:{cuid}:{size}"
+
+
 class _Libc:
     """libc's ``shmget`` and ``shmctl`` through ctypes (one system call each,
-    where sysv_ipc needs an attach to find or remove a segment by key)."""
+    where sysv_ipc needs an attach to find or remove a segment by key, and
+    an ``IPC_STAT`` per field it reports)."""
 
     IPC_RMID = 0
+    IPC_STAT = 2
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -142,6 +216,24 @@ def _load_libc() -> Optional[_Libc]:
 _libc = _load_libc()
 
 
+def _stat(shmid: int) -> Optional[_Stat]:
+    """What the kernel records of segment *shmid*, None if there is none:
+    one ``IPC_STAT``, else (no permission to read it, or another layout of
+    ``struct shmid_ds``) /proc/sysvipc/shm."""
+    if _libc is not None and _STAT_LAYOUT:
+        ds = _ShmidDs()
+        if _libc.shmctl(shmid, _Libc.IPC_STAT, ctypes.byref(ds)) == 0:
+            return _Stat(key=ds.key & 0xFFFFFFFF, uid=ds.uid, gid=ds.gid, cuid=ds.cuid,
+                         cgid=ds.cgid, mode=ds.mode & 0o777, size=ds.segsz, cpid=ds.cpid)
+        if _libc.errno() in (errno.EINVAL, errno.EIDRM):
+            return None
+    for e in _proc_segments() or []:
+        if e.shmid == shmid:
+            return _Stat(key=e.key, uid=e.uid, gid=e.gid, cuid=e.cuid, cgid=e.cgid,
+                         mode=e.mode & 0o777, size=e.size, cpid=e.cpid)
+    return None
+
+
 class _Segment(sysv_ipc.SharedMemory):  # type: ignore[misc]
     """A sysv_ipc attachment that detaches itself when garbage-collected.
 
@@ -157,13 +249,23 @@ class _Segment(sysv_ipc.SharedMemory):  # type: ignore[misc]
 
 
 class SysVAttachment(Attachment):
-    """A System V segment attached to this process."""
+    """A System V segment attached to this process.
 
-    def __init__(self, segment: _Segment) -> None:
+    *found* is what an attach found of the segment (its owner, mode and
+    creator, for ``owner_check=``); None for one this process created.
+    """
+
+    def __init__(self, segment: _Segment, found: Optional[_Stat] = None) -> None:
         self._segment: Optional[_Segment] = segment
         self.buf = memoryview(segment)  # sized by the kernel's shm_segsz
         self.size = len(self.buf)
-        self.identity = str(segment.id)
+        shmid = segment.id
+        if found is None:  # created here, now: the kernel recorded this process
+            self.identity = _identity(shmid, os.getpid(), os.geteuid(), self.size)
+        else:
+            self.identity = found.identity(shmid)
+            self.uid, self.gid, self.mode = found.uid, found.gid, found.mode
+            self.creator_uid, self.creator_gid = found.cuid, found.cgid
 
     def close(self) -> None:
         buf, self.buf = self.buf, None
@@ -214,19 +316,49 @@ class SysVBackend(Backend):
     def qualified(self, ident: str) -> str:
         return f"{self.name}:{ident}"
 
-    def _no_space(self, size: int, refusal: BaseException) -> OSError:
-        """The ENOSPC error for a refused creation, with the limits that apply."""
+    def _no_space(self, ident: str, size: int, refusal: BaseException) -> OSError:
+        """The ENOSPC error for a refused creation, with the limit that applies."""
+        entries = _proc_segments()
+        shmmni = _read_int("/proc/sys/kernel/shmmni")
+        if (entries is not None and shmmni is not None and len(entries) >= shmmni
+                and getattr(refusal, "errno", None) == errno.ENOSPC):
+            return OSError(
+                errno.ENOSPC,
+                "Cannot create another System V shared memory segment: the limit on "
+                f"their number is reached (kernel.shmmni = {shmmni}, and {len(entries)} "
+                "segments exist). Unlink unused segments (ipcs -m), raise kernel.shmmni, "
+                "or use the posix or mmap backend.",
+                self.qualified(ident),
+            )
         shmmax = _read_int("/proc/sys/kernel/shmmax")
         shmall = _read_int("/proc/sys/kernel/shmall")
         page = os.sysconf("SC_PAGE_SIZE")
         free: Optional[int] = None
-        if shmall is not None:
-            used = sum(-(-e.size // page) for e in (_proc_segments() or []))
+        if shmall is not None and shmall * page < _NO_LIMIT:
+            used = sum(-(-e.size // page) for e in (entries or []))
             free = max(0, shmall - used) * page
-        if shmmax is not None:
+        if shmmax is not None and shmmax < _NO_LIMIT:
             free = shmmax if free is None else min(free, shmmax)
         limits = f"kernel.shmmax = {shmmax}, kernel.shmall = {shmall} pages"
+        if getattr(refusal, "errno", None) == errno.ENOMEM:
+            # The kernel would not commit memory for it: what it has is the limit.
+            available = _meminfo("MemAvailable")
+            free = available if free is None or available is None else min(free, available)
+            limits += (", the kernel would not commit that much memory (vm.overcommit_memory"
+                       f" = {_read_int('/proc/sys/vm/overcommit_memory')})")
         return no_space(f"{self.storage} ({limits}; {refusal})", size, free, _REMEDY)
+
+    def _no_memory(self, ident: str, size: Optional[int]) -> OSError:
+        """The ENOMEM error for a segment that could not be made or mapped
+        for want of memory or address space (what sysv_ipc reports as
+        MemoryError), with the other backends' errno."""
+        what = f" of {format_size(size)}" if size is not None else ""
+        return OSError(
+            errno.ENOMEM,
+            f"Not enough memory or address space for the System V segment{what} (the "
+            "process's address space limit, ulimit -v, or the memory the system commits)",
+            self.qualified(ident),
+        )
 
     def check_options(self, options: Mapping[str, Any]) -> None:
         super().check_options(options)
@@ -246,10 +378,14 @@ class SysVBackend(Backend):
             return PermissionError(errno.EACCES, str(exc), self.qualified(ident))
         # sysv_ipc reports EINVAL (size above kernel.shmmax) as ValueError,
         # ENOMEM as MemoryError and ENOSPC (kernel.shmall, shmmni) as OSError.
+        # shmget's ENOMEM (libc's, an OSError) is the kernel refusing to
+        # commit memory for the segment: like a full tmpfs, no space for it.
+        if isinstance(exc, MemoryError):
+            return self._no_memory(ident, size)
         if isinstance(exc, OSError) and exc.errno not in (
                 errno.ENOSPC, errno.ENOMEM, errno.EINVAL, None):
             return exc
-        return self._no_space(size, exc)
+        return self._no_space(ident, size, exc)
 
     def _shmget_new(self, key: int, size: int, huge: bool) -> int:
         """A new segment's id (libc's shmget, mode 0600); with *huge*, made with
@@ -288,7 +424,10 @@ class SysVBackend(Backend):
             if segment is None:
                 # Attached by key (sysv_ipc has no attach by id): a segment that
                 # replaced ours meanwhile is told apart by its id.
-                segment = _Segment(key, 0, mode=0o600)
+                try:
+                    segment = _Segment(key, 0, mode=0o600)
+                except MemoryError:
+                    raise self._no_memory(ident, size) from None
                 if segment.id != shmid:
                     segment.detach()
                     raise FileNotFoundError(
@@ -356,6 +495,9 @@ class SysVBackend(Backend):
                 break
             except ValueError:
                 continue
+            except MemoryError:
+                found = self._find(ident)
+                raise self._no_memory(ident, found[1].size if found else None) from None
             except sysv_ipc.PermissionsError as exc:
                 denied = exc
             except OSError as exc:
@@ -377,15 +519,18 @@ class SysVBackend(Backend):
 
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
         segment = self._open(ident, writable=True)
-        attachment = SysVAttachment(segment)
+        # One more IPC_STAT: the owner check needs the segment's owner, creator
+        # and mode, and its identity the creator and size; shmget gives none.
+        found = _stat(segment.id)
+        if found is None:  # (attached, so it exists; without /proc and ctypes, ask sysv_ipc)
+            found = _Stat(key=key_for(ident), uid=segment.uid, gid=segment.gid,
+                          cuid=segment.cuid, cgid=segment.cgid, mode=segment.mode & 0o777,
+                          size=segment.size, cpid=segment.creator_pid)
+        attachment = SysVAttachment(segment, found)
         if _huge.wants_huge(options, attachment.size):
             _advise_huge(segment, attachment.size)
         if _huge.flag(options, "prefault"):
             _huge.madvise(segment.address, attachment.size, _huge.MADV_POPULATE_READ)
-        # Two more IPC_STATs (sysv_ipc reads one field per call): the owner
-        # check needs the segment's owner and mode, which shmget does not give.
-        attachment.uid = segment.uid
-        attachment.mode = segment.mode & 0o777
         return attachment
 
     def unlink(self, ident: str) -> None:
@@ -401,51 +546,91 @@ class SysVBackend(Backend):
                     errno.ENOENT, "No such System V shared memory segment", self.qualified(ident)
                 )
             if error in (errno.EPERM, errno.EACCES):
-                raise PermissionError(
-                    errno.EPERM, "Only the owner (or creator) of a System V segment may "
-                    "remove it", self.qualified(ident))
+                raise self._not_yours(ident)
             raise OSError(error, os.strerror(error), self.qualified(ident))
         segment = self._open(ident, writable=False)
         try:
             segment.remove()
-        except sysv_ipc.PermissionsError as exc:
-            raise PermissionError(errno.EPERM, str(exc), self.qualified(ident)) from None
+        except sysv_ipc.PermissionsError:
+            raise self._not_yours(ident) from None
         finally:
             segment.detach()
 
-    def identity(self, ident: str) -> Optional[str]:
+    def _not_yours(self, ident: str) -> PermissionError:
+        return PermissionError(
+            errno.EPERM, "Only the owner or the creator of a System V shared memory segment "
+            "(or root) may remove it", self.qualified(ident))
+
+    def _find(self, ident: str) -> Optional[tuple[int, _Stat]]:
+        """The id of segment *ident* and what the kernel records of it, or None."""
         key = key_for(ident)
-        if _libc is not None:  # one shmget; the listing below if we may not see it
+        if _libc is not None:  # one shmget (it needs no permission), one IPC_STAT
             shmid = _libc.shmget(_signed(key), 0, 0)
             if shmid >= 0:
-                return str(shmid)
+                found = _stat(shmid)
+                return None if found is None or found.key != key else (shmid, found)
             if _libc.errno() == errno.ENOENT:
                 return None
         entries = _proc_segments()
         if entries is not None:
-            for entry in entries:
-                if entry.key == key:
-                    return str(entry.shmid)
+            for e in entries:
+                if e.key == key:
+                    return e.shmid, _Stat(key=e.key, uid=e.uid, gid=e.gid, cuid=e.cuid,
+                                          cgid=e.cgid, mode=e.mode & 0o777, size=e.size,
+                                          cpid=e.cpid)
             return None
         try:
             segment = self._open(ident, writable=False)
         except (FileNotFoundError, PermissionError):
             return None
         try:
-            return str(segment.id)
+            return segment.id, _Stat(key=key, uid=segment.uid, gid=segment.gid,
+                                     cuid=segment.cuid, cgid=segment.cgid,
+                                     mode=segment.mode & 0o777, size=segment.size,
+                                     cpid=segment.creator_pid)
         finally:
             segment.detach()
 
+    def identity(self, ident: str) -> Optional[str]:
+        found = self._find(ident)
+        return None if found is None else found[1].identity(found[0])
+
+    def claim_identity(self, ident: str, pid: int) -> Optional[str]:
+        # The kernel records who created a segment (cpid, cuid): a claim names
+        # them before the segment exists.
+        return f"{_CLAIM}{pid}:{os.geteuid()}"
+
+    def proves(self, recorded: Optional[str], current: Optional[str]) -> bool:
+        if recorded is None or current is None or not recorded.startswith(_CLAIM):
+            return super().proves(recorded, current)
+        claimed = recorded[len(_CLAIM):].split(":")
+        found = current.split(":")
+        return len(claimed) == 2 and len(found) == 4 and found[1:3] == claimed
+
     def destroy(self, ident: str, identity: Optional[str]) -> bool:
-        if identity is None:
-            return super().destroy(ident, identity)
-        entries = _proc_segments()
-        if entries is not None:
-            key = key_for(ident)
-            if not any(e.shmid == int(identity) and e.key == key for e in entries):
+        """Remove segment *ident* if it is still the one with *identity* (see
+        :meth:`Backend.destroy`): same key, id, creator pid and size, created
+        by this user. Removed by id, so that a segment made meanwhile under
+        the same key is never the one removed."""
+        if identity is not None and identity.startswith(_CLAIM):
+            current = self.identity(ident)
+            if current is None or not self.proves(identity, current):
                 return False
+            identity = current
+        if identity is None:
+            return False
         try:
-            sysv_ipc.remove_shared_memory(int(identity))
+            shmid = int(identity.split(":", 1)[0])
+        except ValueError:
+            return False
+        found = _stat(shmid)
+        if (found is None or found.key != key_for(ident) or found.identity(shmid) != identity
+                or found.cuid != os.geteuid()):
+            return False
+        if _libc is not None:
+            return _libc.shmctl(shmid, _Libc.IPC_RMID, None) == 0
+        try:
+            sysv_ipc.remove_shared_memory(shmid)
         except sysv_ipc.Error:
             return False
         return True
@@ -465,7 +650,8 @@ class SysVBackend(Backend):
                     creator_pid=e.cpid,
                     attached=e.nattch,
                     ctime=float(e.ctime),
-                    extra={"shmid": e.shmid},
+                    extra={"shmid": e.shmid,
+                           "identity": _identity(e.shmid, e.cpid, e.cuid, e.size)},
                 )
             )
         return found

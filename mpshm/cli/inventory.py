@@ -90,6 +90,9 @@ class Segment:
     ident: str = field(default="", repr=False)
     identity: Optional[str] = field(default=None, repr=False)
     journal: Optional[_journal.Journal] = field(default=None, repr=False)
+    #: Internal: the identity the journal recorded at creation (None: none
+    #: recorded, so ``gc`` has no proof that this is the object mpshm made).
+    recorded: Optional[str] = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         """The public fields as a JSON-ready dict."""
@@ -192,9 +195,9 @@ def _backends(names: Optional[Sequence[str]]) -> list[Backend]:
 
 
 def _identity(backend: Backend, ident: str, info: SegmentInfo) -> Optional[str]:
-    shmid = info.extra.get("shmid")
-    if shmid is not None:
-        return str(shmid)
+    listed = info.extra.get("identity")  # (SysV's listing knows it already)
+    if isinstance(listed, str):
+        return listed
     try:
         return backend.identity(ident)
     except Exception:
@@ -246,8 +249,11 @@ def inventory(backend_names: Optional[Sequence[str]] = None) -> list[Segment]:
         identity = _identity(backend, ident, info)
         owner = journaled.get((backend_name, ident))
         entry = owner.entries[(backend_name, ident)] if owner else None
-        if entry is not None and entry.get("id") and identity and entry["id"] != identity:
-            owner = entry = None  # the name now belongs to another object
+        recorded = entry.get("id") if entry is not None else None
+        if not isinstance(recorded, str):
+            recorded = None
+        if recorded is not None and not backend.proves(recorded, identity):
+            owner = entry = recorded = None  # the name now belongs to another object
         path = _path_of(info)
         pids = sorted(mapped_by.get(path, ())) if path else []
         mapped = info.attached if info.attached is not None else (len(pids) if path else None)
@@ -263,7 +269,7 @@ def inventory(backend_names: Optional[Sequence[str]] = None) -> list[Segment]:
             tracked=owner is not None, creator_pid=creator, creator_alive=creator_alive,
             mapped=mapped, mapped_by=pids,
             age=now - since if (since := created or info.ctime) else None,
-            ident=ident, identity=identity, journal=owner,
+            ident=ident, identity=identity, journal=owner, recorded=recorded,
         )
         if owner is not None:
             header = owner.header
@@ -331,6 +337,10 @@ def judge(segment: Segment, untracked: bool, named: bool) -> Verdict:
         who = ", ".join(map(str, segment.mapped_by)) or f"{segment.mapped} process(es)"
         return keep("mapped", f"a living process maps it ({who})")
     if segment.tracked:
+        if segment.recorded is None:
+            return keep("no-identity", "its journal entry records no storage identity, so "
+                        "nothing proves it is the object mpshm made (remove it yourself if "
+                        "it is yours)")
         if segment.tracker_alive:
             return keep("tracker-alive", f"its tracker (pid {segment.tracker_pid}) is alive "
                         "and destroys it when its program ends")
@@ -386,7 +396,10 @@ def gc(dry_run: bool = False, untracked: bool = False, names: Sequence[str] = ()
         if verdict.action == "destroy" and not dry_run:
             try:
                 backend = backends.get(segment.backend)
-                verdict.destroyed = backend.destroy(segment.ident, segment.identity)
+                # A tracked segment is destroyed only as the object its journal
+                # recorded at creation; an untracked one as gc found it.
+                proof = segment.recorded if segment.tracked else segment.identity
+                verdict.destroyed = backend.destroy(segment.ident, proof)
                 if not verdict.destroyed:
                     verdict.error = "it was gone, or replaced, by the time gc got to it"
             except OSError as exc:
@@ -413,10 +426,6 @@ def _prune(segments: list[Segment], verdicts: list[Verdict]) -> None:
                 _journal.rewrite(journal, keep)
             except OSError:
                 pass
-    try:
-        os.rmdir(_journal.state_dir())  # only if that left it empty
-    except OSError:
-        pass
 
 
 # -- output ---------------------------------------------------------------------
@@ -440,10 +449,28 @@ def _yes(value: Optional[bool]) -> str:
     return "?" if value is None else ("yes" if value else "no")
 
 
+def printable(text: str) -> str:
+    """*text* safe for a terminal: backslashes, control and other unprintable
+    characters (escape sequences, newlines) written as Python escapes, so a
+    hostile name can neither drive the terminal nor forge a row."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        if ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape", "backslashreplace").decode("ascii"))
+    return "".join(out)
+
+
 def _table(rows: list[list[str]], out: Any) -> None:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip(), file=out)
+
 
 
 def print_segments(segments: Iterable[Segment], out: Any = None) -> None:
@@ -453,7 +480,7 @@ def print_segments(segments: Iterable[Segment], out: Any = None) -> None:
              "TRACKED"]]
     for s in segments:
         rows.append([
-            s.name, s.backend, _short_size(s.size), s.owner,
+            printable(s.name), s.backend, _short_size(s.size), printable(s.owner),
             str(s.creator_pid) if s.creator_pid else "?", _yes(s.creator_alive),
             "?" if s.mapped is None else str(s.mapped), _age(s.age),
             (f"yes (tracker {s.tracker_pid}{'' if s.tracker_alive else ', dead'})"
@@ -486,6 +513,8 @@ _KEPT = {
     "foreign": "not made by mpshm; name one to include it",
     "untracked": "made with track=False; --untracked or a name includes them",
     "creator-alive": "untracked, and their creator is alive",
+    "no-identity": "their journal entry records no identity: nothing proves they are "
+                   "mpshm's (-v names them)",
 }
 
 
@@ -506,11 +535,12 @@ def _gc(args: argparse.Namespace) -> int:
         verb = "would destroy" if args.dry_run else "destroyed"
         for v in doomed:
             mark = verb if (args.dry_run or v.destroyed) else f"FAILED ({v.error})"
-            print(f"{mark}: {v.segment.name} ({_short_size(v.segment.size)}): {v.reason}")
+            print(f"{mark}: {printable(v.segment.name)} ({_short_size(v.segment.size)}): "
+                  f"{printable(v.reason)}")
         kept = [v for v in verdicts if v.action == "keep"]
         if args.verbose:
             for v in kept:
-                print(f"kept: {v.segment.name}: {v.reason}")
+                print(f"kept: {printable(v.segment.name)}: {printable(v.reason)}")
         else:
             kinds: dict[str, list[Verdict]] = {}
             for v in kept:
