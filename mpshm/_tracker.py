@@ -194,6 +194,12 @@ class Tracker:
         # fresh random name) sent on one connection can be read after the
         # "unreg" of the process that took the segment over, sent on another.
         self.gone: collections.OrderedDict[Key, None] = collections.OrderedDict()
+        # Registrations of a name that another process's registration of the
+        # same name replaced: (key) -> identity -> registration. Two processes
+        # of a program creating one name at once both register it (with their
+        # identities) before one of them wins; the loser withdraws its own
+        # registration by identity, and the winner's comes back.
+        self.shadowed: dict[Key, dict[str, dict[str, Any]]] = {}
         # Connections that ended, to apply once what came before is read (_settle).
         self.ended: list[socket.socket] = []
         # Identities looked up for the journal, to check again (see _verify):
@@ -364,6 +370,10 @@ class Tracker:
                 continue  # taken over and unlinked already
             elif op in ("reg", "own", "join"):
                 msg["t"] = time.time()
+                old = self.entries.get(key)
+                if (old is not None and old.get("id") and msg.get("id")
+                        and old["id"] != msg["id"] and old.get("pid") != msg.get("pid")):
+                    self.shadowed.setdefault(key, {})[str(old["id"])] = old
                 if key not in self.entries and last_unreg.get(key, -1) > n:
                     unjournaled.add(key)
                 elif key not in unjournaled:
@@ -377,6 +387,19 @@ class Tracker:
                 else:
                     self.owners.pop(key, None)
             elif op == "unreg":
+                withdrawn = msg.get("id")  # (a registration withdrawn by identity)
+                restored = None
+                if withdrawn is not None:
+                    current = self.entries.get(key)
+                    if current is not None and current.get("id") != withdrawn:
+                        # Another process's registration of the name: it stays.
+                        self.shadowed.get(key, {}).pop(withdrawn, None)
+                        continue
+                    shadows = self.shadowed.get(key)
+                    if shadows:
+                        restored = shadows.pop(next(reversed(shadows)))
+                if not self.shadowed.get(key) or withdrawn is None:
+                    self.shadowed.pop(key, None)
                 removed = self.entries.pop(key, None)
                 self.owners.pop(key, None)
                 if removed is not None:
@@ -385,6 +408,9 @@ class Tracker:
                     unjournaled.discard(key)
                 else:
                     removed = {"op": "join"}  # unknown: as a join
+                if restored is not None:
+                    self.entries[key] = self._journal_put(key, restored)
+                    continue
                 if removed["op"] == "join":
                     # A "join" is a fresh random name, registered once or
                     # twice (SysV adds its identity): any that is read

@@ -387,7 +387,7 @@ class SharedMemory:
 class _Registry(Protocol):
     def register(self, backend: Backend, ident: str, identity: Optional[str] = None) -> bool: ...
 
-    def unregister(self, backend: str, ident: str) -> None: ...
+    def unregister(self, backend: str, ident: str, identity: Optional[str] = None) -> None: ...
 
 
 def _generate(
@@ -451,8 +451,8 @@ def _create_named(
             chosen.link(sibling, ident)
             linked = True
         finally:
-            if not linked:
-                registry.unregister(chosen.name, ident)
+            if not linked:  # (only ours: the winner of a race for the name keeps its own)
+                registry.unregister(chosen.name, ident, attachment.identity)
     except NotImplementedError:  # this filesystem has no hard links after all
         pass
     finally:
@@ -506,7 +506,7 @@ def _create_then_register(
         attachment = chosen.create(ident, size, options)
     except BaseException:
         if claim is not None:
-            registry.unregister(chosen.name, ident)
+            registry.unregister(chosen.name, ident, claim)
         raise
     try:
         registry.register(chosen, ident, attachment.identity)

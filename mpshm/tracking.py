@@ -592,7 +592,7 @@ class _Client:
                 )
                 return False
 
-    def unregister(self, backend: str, ident: str) -> None:
+    def unregister(self, backend: str, ident: str, identity: Optional[str] = None) -> None:
         key = (backend, ident)
         with self._lock:
             self._held.pop(key, None)
@@ -602,7 +602,7 @@ class _Client:
                     for number in numbers:
                         self._pending.pop(number, None)
                     return
-            data = _protocol.encode("unreg", backend, ident, None)
+            data = _protocol.encode("unreg", backend, ident, identity)
             try:
                 self._send_locked(data, False, key)
             except Exception:  # no tracker to be had: for the next one, if any
@@ -836,10 +836,10 @@ class Scope:
         """Whether this process owns the scope's connection (not a forked copy)."""
         return os.getpid() == self._pid
 
-    def unregister(self, backend: str, ident: str) -> None:
+    def unregister(self, backend: str, ident: str, identity: Optional[str] = None) -> None:
         """Like :func:`unregister`: the segment was unlinked, or is handed on."""
         if not self._closed:  # once closed, the tracker forgot the scope anyway
-            self._client.unregister(backend, ident)
+            self._client.unregister(backend, ident, identity)
 
     def close(self) -> None:
         """Close the connection: the tracker destroys what is still registered."""
@@ -865,9 +865,9 @@ class Member:
         """Register a segment for the scope's owner."""
         return self._client.register(backend, ident, identity)
 
-    def unregister(self, backend: str, ident: str) -> None:
+    def unregister(self, backend: str, ident: str, identity: Optional[str] = None) -> None:
         """The segment was destroyed after all."""
-        self._client.unregister(backend, ident)
+        self._client.unregister(backend, ident, identity)
 
 
 def register(backend: Backend, ident: str, identity: Optional[str] = None) -> bool:
@@ -883,9 +883,13 @@ def register(backend: Backend, ident: str, identity: Optional[str] = None) -> bo
     return _client.register(backend, ident, identity)
 
 
-def unregister(backend: str, ident: str) -> None:
-    """Tell the tracker that a segment was unlinked; it will not destroy it."""
-    _client.unregister(backend, ident)
+def unregister(backend: str, ident: str, identity: Optional[str] = None) -> None:
+    """Tell the tracker that a segment was unlinked; it will not destroy it.
+
+    With *identity*, withdraw only this process's registration of that
+    identity (a creation that lost a race for the name): another process's
+    registration of the same name stays."""
+    _client.unregister(backend, ident, identity)
 
 
 def tracked() -> list[tuple[str, str]]:

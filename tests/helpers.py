@@ -257,22 +257,47 @@ def require_root() -> None:
         pytest.skip("this test plays another user with setuid: run it as root")
 
 
-def as_other_user(action: Callable[[], Any], uid: int = OTHER_UIDS[0]) -> None:
-    """Run *action* in a forked child running as *uid* (its gid too, no
-    supplementary groups); raise if it failed."""
+def as_other_user(action: Callable[[], Any], uid: int = OTHER_UIDS[0], umask: int = 0o022,
+                  timeout: float = 30) -> Any:
+    """Run *action* in a forked child with uid and gid *uid* (and no other
+    group) and *umask*; return what it returned, or the exception it raised
+    as ``("raised", type name, errno, str)``. Root only.
+
+    Forked, not started afresh: the other user may not read this
+    interpreter's files. Whatever *action* needs must be imported already.
+    """
+    import pickle
+
+    read, write = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover (the child)
         code = 1
         try:
+            os.close(read)
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            action()
+            os.umask(umask)
+            try:
+                result: Any = ("returned", action())
+            except BaseException as exc:  # (reported to the parent)
+                result = ("raised", type(exc).__name__, getattr(exc, "errno", None), str(exc))
+            os.write(write, pickle.dumps(result))
             code = 0
-        except BaseException as exc:
-            print(f"as uid {uid}: {exc!r}", file=sys.stderr)
         finally:
             os._exit(code)
+    os.close(write)
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        chunk = os.read(read, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        assert time.monotonic() < deadline, "the other user's process hangs"
+    os.close(read)
     _, status = os.waitpid(pid, 0)
-    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, (
-        f"the other user's action failed (status {status})")
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0 and chunks, (
+        "the other user's process failed")
+    outcome = pickle.loads(b"".join(chunks))
+    return outcome[1] if outcome[0] == "returned" else outcome

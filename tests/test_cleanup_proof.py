@@ -26,6 +26,7 @@ from helpers import OTHER_UIDS, ROOT, as_other_user, exists, require_root, uniqu
 
 import mpshm
 from mpshm import _journal, reduction
+from mpshm.backends.sysv import key_for
 from mpshm.shared_memory import SharedMemory, _rebuild
 
 pytestmark = pytest.mark.timeout(120)
@@ -90,7 +91,7 @@ def test_gc_ignores_a_journal_planted_by_another_user(root, shared_tmp, with_ide
             f.write("my thesis\n")
         os.chmod(victim_dir, 0o755)  # the other user may look, not write
         state = os.path.join(shared_tmp, f"mpshm-{os.getuid()}-trackers")
-        as_other_user(lambda: _plant_journal(state, victim, with_identity))
+        assert as_other_user(lambda: _plant_journal(state, victim, with_identity)) is None
         assert os.stat(state).st_uid == OTHER_UID
         result = cli(shared_tmp, "gc", "--backend", "mmap", "--json")
         assert result.returncode == 0, result.stderr
@@ -203,7 +204,7 @@ def test_squatted_state_directory_still_journals_for_gc(root, shared_tmp, backen
             os.mkdir(path, 0o777)
             os.chmod(path, 0o777)
 
-    as_other_user(squat)
+    assert as_other_user(squat) is None
     proc = subprocess.Popen([sys.executable, "-c", SQUATTED_VICTIM.format(backend=backend)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=program_env(shared_tmp), start_new_session=True)
@@ -318,3 +319,195 @@ def test_list_escapes_hostile_names():
     finally:
         shm.close()
         shm.unlink()
+
+
+# --------------------------------------------------------------------------
+# gc after a program and its tracker were killed together: what the
+# adversarial review found
+
+KILLED_PROGRAM = """
+import json, os, sys, time
+import mpshm
+from mpshm import tracking
+made = [
+    mpshm.SharedMemory(create=True, size=4096),
+    mpshm.SharedMemory(create=True, size=4096, backend="mmap"),
+    mpshm.SharedMemory({sysv_name!r}, create=True, size=4096),
+    mpshm.SharedMemory({posix_name!r}, create=True, size=4096),
+]
+child = None
+if {fork_mapper!r}:
+    child = os.fork()
+    if child == 0:  # keeps every mapping, outlives its parent and the tracker
+        time.sleep(60)
+        os._exit(0)
+print(json.dumps({{"names": [s.name for s in made], "tracker": tracking.tracker_pid(),
+                   "child": child}}), flush=True)
+time.sleep(1.0)  # the tracker journals within milliseconds
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def _killed_program(tmp: str, fork_mapper: bool = False) -> dict[str, Any]:
+    """Run a program that makes a tracked segment of each kind (a System V
+    and a POSIX one under names of its own), then SIGKILL it and its tracker."""
+    code = KILLED_PROGRAM.format(sysv_name="sysv:" + unique("own"), posix_name=unique("own"),
+                                 fork_mapper=fork_mapper)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=program_env(tmp),
+                            start_new_session=True)
+    try:
+        made = json.loads(proc.stdout.readline())  # type: ignore[union-attr]
+        assert proc.stdout.readline().strip() == "ready"  # type: ignore[union-attr]
+    except Exception:
+        proc.kill()
+        raise AssertionError(proc.stderr.read()) from None  # type: ignore[union-attr]
+    os.kill(made["tracker"], signal.SIGKILL)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(10)
+    wait_until(lambda: not os.path.exists(f"/proc/{made['tracker']}"), 10)
+    return dict(made)
+
+
+def _gc(tmp: str, *args: str) -> dict[str, dict[str, Any]]:
+    result = cli(tmp, "gc", "--json", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return {v["name"]: v for v in json.loads(result.stdout)["segments"]}
+
+
+def _maps_anything(pid: int) -> bool:
+    """Whether *pid* is alive with mappings (a zombie maps nothing)."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            return bool(f.read())
+    except OSError:
+        return False
+
+
+def _cleanup(names: list[str]) -> None:
+    for name in names:
+        if exists(name):
+            mpshm.SharedMemory(name, owner_check="ignore").unlink()
+
+
+def test_gc_finds_every_tracked_segment_and_keeps_other_backends_entries(shared_tmp):
+    """System V segments under names of the user's own are journaled by name
+    but listed by key: gc finds them all the same. ``gc --backend posix``
+    leaves the other backends' journal entries for a later gc, and a
+    misspelt name stops gc before it destroys anything."""
+    made = _killed_program(shared_tmp)
+    names = made["names"]
+    try:
+        posix_gen, mmap_gen, sysv_own, posix_own = names
+        listing = {row["name"]: row for row in json.loads(
+            cli(shared_tmp, "list", "--json", "--all", "--backend", "sysv").stdout)}
+        key_name = f"sysv:0x{key_for(sysv_own[len('sysv:'):]):08x}"
+        assert listing[key_name]["tracked"] is True
+
+        typo = cli(shared_tmp, "gc", posix_gen, unique("typo"))
+        assert typo.returncode == 2 and "nothing was destroyed" in typo.stderr
+        assert exists(posix_gen)
+
+        first = _gc(shared_tmp, "--backend", "posix", posix_gen, posix_own)
+        assert {n: (v["action"], v["destroyed"]) for n, v in first.items()} == {
+            posix_gen: ("destroy", True), posix_own: ("destroy", True)}
+        second = _gc(shared_tmp, mmap_gen, sysv_own)
+        assert {n: v["destroyed"] for n, v in second.items()} == {
+            mmap_gen: True, key_name: True}
+        assert all(v["reason"].startswith("tracked") for v in second.values()), second
+        assert not any(exists(n) for n in names)
+    finally:
+        _cleanup(names)
+
+
+def test_gc_keeps_named_segments_a_living_process_maps(shared_tmp):
+    """A segment made under a user's name is mapped by its creator (and the
+    creator's forked children) under the random name it was made with: gc
+    finds the mappers by device and inode, not by path, and keeps it."""
+    made = _killed_program(shared_tmp, fork_mapper=True)
+    names = made["names"]
+    try:
+        verdicts = _gc(shared_tmp, *names)
+        assert {n: v["kind"] for n, v in verdicts.items() if v["backend"] != "sysv"} == {
+            names[0]: "mapped", names[1]: "mapped", names[3]: "mapped"}, verdicts
+        assert all(exists(n) for n in names)
+        os.kill(made["child"], signal.SIGKILL)
+        wait_until(lambda: not _maps_anything(made["child"]), 10)
+        verdicts = _gc(shared_tmp, *names)
+        assert all(v["destroyed"] for v in verdicts.values()), verdicts
+    finally:
+        if made.get("child"):
+            try:
+                os.kill(made["child"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        _cleanup(names)
+
+
+RACE = """
+import multiprocessing as mp, sys, time
+import mpshm
+
+def create(ready, name, out):
+    ready.wait()
+    try:
+        mpshm.SharedMemory(name, create=True, size=4096).close()
+        out.put("won")
+    except FileExistsError:
+        out.put("lost")
+
+if __name__ == "__main__":
+    ctx = mp.get_context("fork")
+    mpshm.SharedMemory(create=True, size=64, backend={backend!r}).close()  # tracker first
+    for name in sys.argv[1:]:
+        ready, out = ctx.Event(), ctx.Queue()
+        procs = [ctx.Process(target=create, args=(ready, name, out)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        time.sleep(0.05)
+        ready.set()
+        for p in procs:
+            p.join()
+        assert sorted(out.get() for _ in procs) == ["lost", "lost", "lost", "won"]
+"""
+
+
+@pytest.mark.parametrize("backend", ["posix", "sysv", "mmap"])
+def test_processes_racing_for_one_name_leave_nothing(tmp_path, backend):
+    """Four processes of one program create the same name at once: one wins,
+    and the losers withdraw only their own registration, so the winner's
+    segment is still destroyed when the program ends."""
+    scheme = {"posix": "", "sysv": "sysv:", "mmap": f"mmap:{tmp_path}/"}[backend]
+    names = [scheme + unique("race") for _ in range(6)]
+    env = program_env(str(tmp_path))
+    env["MPSHM_STATE_DIR"] = str(tmp_path / "state")
+    try:
+        result = subprocess.run([sys.executable, "-c", RACE.format(backend=backend), *names],
+                                capture_output=True, text=True, timeout=90, env=env)
+        assert result.returncode == 0, result.stderr
+        wait_until(lambda: not any(exists(n) for n in names), 20)
+    finally:
+        _cleanup(names)
+
+
+def test_untracked_files_of_others_in_the_mmap_directory_are_not_mpshms(tmp_path):
+    """The mmap directory may be one other programs use too (MPSHM_DIR=/dev/shm,
+    say): an untracked file there counts as mpshm's only under a generated
+    name, so ``gc --untracked`` leaves the rest alone."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o700)
+    (shared / "data.bin").write_bytes(b"x" * 4096)
+    env = program_env(str(tmp_path))
+    env.update(MPSHM_DIR=str(shared), MPSHM_STATE_DIR=str(tmp_path / "state"))
+    code = ("import mpshm; s = mpshm.SharedMemory(create=True, size=4096, backend='mmap', "
+            "track=False); print(s.name)")
+    made = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env=env, timeout=60, check=True).stdout.strip()
+    result = subprocess.run([sys.executable, "-m", "mpshm", "gc", "--untracked", "--backend",
+                             "mmap", "--json"], capture_output=True, text=True, env=env,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    verdicts = {v["name"]: v for v in json.loads(result.stdout)["segments"]}
+    assert verdicts == {made: verdicts[made]} and verdicts[made]["destroyed"]
+    assert (shared / "data.bin").exists()

@@ -20,19 +20,17 @@ from __future__ import annotations
 import errno
 import json
 import os
-import pickle
 import shutil
 import stat
 import subprocess
 import sys
 import textwrap
-import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
-from helpers import run_script, unique
+from helpers import OTHER_UIDS, as_other_user, run_script, unique
 
 import mpshm
 from mpshm import backends
@@ -41,8 +39,6 @@ from mpshm.shared_memory import OwnershipWarning
 
 pytestmark = pytest.mark.timeout(120)
 IS_ROOT = os.geteuid() == 0
-#: Users with no passwd entry needed: the "other user" of these tests.
-OTHER_UIDS = (65534, 65533)
 
 
 def _require(condition: bool, reason: str) -> None:
@@ -51,53 +47,6 @@ def _require(condition: bool, reason: str) -> None:
         if os.environ.get("MPSHM_REQUIRE_UNSHARE"):
             pytest.fail(reason)
         pytest.skip(reason)
-
-
-# --------------------------------------------------------------------------
-# Another user, played by a forked child that drops root
-
-
-def as_other_user(action: Callable[[], Any], uid: int = OTHER_UIDS[0], umask: int = 0o022,
-                  timeout: float = 30) -> Any:
-    """Run *action* in a forked child with uid and gid *uid* (and no other
-    group) and *umask*; return what it returned, or the exception it raised
-    as ``("raised", type name, errno, str)``. Root only.
-
-    Forked, not started afresh: the other user may not read this
-    interpreter's files. Whatever *action* needs must be imported already.
-    """
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child)
-        code = 1
-        try:
-            os.close(read)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.umask(umask)
-            try:
-                result: Any = ("returned", action())
-            except BaseException as exc:  # (reported to the parent)
-                result = ("raised", type(exc).__name__, getattr(exc, "errno", None), str(exc))
-            os.write(write, pickle.dumps(result))
-            code = 0
-        finally:
-            os._exit(code)
-    os.close(write)
-    chunks = []
-    deadline = time.monotonic() + timeout
-    while True:
-        chunk = os.read(read, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        assert time.monotonic() < deadline, "the other user's process hangs"
-    os.close(read)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0 and chunks, "the other user's process failed"
-    outcome = pickle.loads(b"".join(chunks))
-    return outcome[1] if outcome[0] == "returned" else outcome
 
 
 def _load_backends() -> None:

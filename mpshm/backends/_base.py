@@ -416,6 +416,11 @@ class Backend(abc.ABC):
         object, nor anything with no record."""
         return recorded is not None and current is not None and recorded == current
 
+    def listed_ident(self, ident: str) -> str:
+        """The identifier under which :meth:`list` reports segment *ident*
+        (canonical); by default *ident* itself."""
+        return ident
+
     def sibling(self, ident: str) -> Optional[str]:
         """A fresh random identifier for a segment that :meth:`link` can then
         give the name *ident*, or None where the storage cannot (the default).
@@ -426,8 +431,9 @@ class Backend(abc.ABC):
 
     def link(self, ident: str, name: str) -> None:
         """Give existing segment *ident* the further name *name* (canonical),
-        atomically; FileExistsError if *name* is taken. Only called for an
-        *ident* that :meth:`sibling` gave."""
+        atomically; FileExistsError if *name* is taken, NotImplementedError
+        where the storage turns out unable to (the caller then creates under
+        *name* directly). Only called for an *ident* that :meth:`sibling` gave."""
         raise NotImplementedError(f"the {self.name!r} backend cannot link segments")
 
     def claim_identity(self, ident: str, pid: int) -> Optional[str]:

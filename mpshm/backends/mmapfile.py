@@ -188,8 +188,10 @@ class MmapBackend(Backend):
                 errno.EEXIST, "A file of that name exists", self.qualified(name)
             ) from None
         except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
-                # A filesystem without hard links (vfat, some FUSE ones).
+            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK,
+                             errno.ENOSPC, errno.EDQUOT):
+                # A filesystem without hard links (vfat, some FUSE ones), or
+                # without room for one more name.
                 raise NotImplementedError(
                     f"{os.path.dirname(name)} cannot hold hard links") from None
             raise

@@ -125,6 +125,12 @@ class PosixBackend(Backend):
             raise FileExistsError(
                 errno.EEXIST, "A POSIX shared memory segment of that name exists", name
             ) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EMLINK):
+                # No room for the second name (tmpfs counts it against its
+                # inodes): the caller creates under the name itself instead.
+                raise NotImplementedError(f"{SHM_DIR} has no room for a link") from None
+            raise
 
     @staticmethod
     def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:

@@ -595,6 +595,9 @@ class SysVBackend(Backend):
         found = self._find(ident)
         return None if found is None else found[1].identity(found[0])
 
+    def listed_ident(self, ident: str) -> str:
+        return f"0x{key_for(ident):08x}"  # a name of the user's own is listed by its key
+
     def claim_identity(self, ident: str, pid: int) -> Optional[str]:
         # The kernel records who created a segment (cpid, cuid): a claim names
         # them before the segment exists.
@@ -650,7 +653,7 @@ class SysVBackend(Backend):
                     creator_pid=e.cpid,
                     attached=e.nattch,
                     ctime=float(e.ctime),
-                    extra={"shmid": e.shmid,
+                    extra={"shmid": e.shmid, "creator_uid": e.cuid,
                            "identity": _identity(e.shmid, e.cpid, e.cuid, e.size)},
                 )
             )

@@ -37,6 +37,7 @@ import re
 import stat
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence
 
@@ -50,6 +51,8 @@ __all__ = ["Segment", "add_parsers", "collect", "gc", "inventory"]
 
 #: mpshm's generated POSIX names (the standard library's have 8 hex digits).
 _MPSHM_POSIX = re.compile(r"psm_[0-9a-f]{16}")
+#: mpshm's generated mmap file names.
+_MPSHM_MMAP = re.compile(r"mpshm_[0-9a-f]{16}")
 
 
 @dataclass
@@ -90,6 +93,9 @@ class Segment:
     ident: str = field(default="", repr=False)
     identity: Optional[str] = field(default=None, repr=False)
     journal: Optional[_journal.Journal] = field(default=None, repr=False)
+    #: Internal: who created it, where the storage records a creator apart
+    #: from the owner (System V, whose creator keeps every right).
+    creator_uid: Optional[int] = field(default=None, repr=False)
     #: Internal: the identity the journal recorded at creation (None: none
     #: recorded, so ``gc`` has no proof that this is the object mpshm made).
     recorded: Optional[str] = field(default=None, repr=False)
@@ -114,9 +120,21 @@ def _pids() -> list[int]:
 
 
 def _mappers(paths: set[str]) -> dict[str, set[int]]:
-    """For each of *paths*, the pids whose /proc/<pid>/maps map it."""
+    """For each of *paths*, the pids whose /proc/<pid>/maps map that file.
+
+    Matched by device and inode, not by path: a segment made under a user's
+    name is mapped by its creator under the random name it was made with
+    (see :meth:`~mpshm.backends.Backend.sibling`), gone since, and any file
+    may have several names."""
     found: dict[str, set[int]] = {path: set() for path in paths}
-    if not paths:
+    files: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        files[(st.st_dev, st.st_ino)] = path
+    if not files:
         return found
     for pid in _pids():
         try:
@@ -125,12 +143,18 @@ def _mappers(paths: set[str]) -> dict[str, set[int]]:
         except OSError:
             continue
         for line in data.splitlines():
+            # address perms offset dev inode path
             parts = line.split(None, 5)
-            if len(parts) < 6:
+            if len(parts) < 5 or parts[4] == b"0":
                 continue
-            path = os.fsdecode(parts[5])
-            if path in found:
-                found[path].add(pid)
+            try:
+                major, minor = (int(part, 16) for part in parts[3].split(b":"))
+                key = (os.makedev(major, minor), int(parts[4]))
+            except ValueError:
+                continue
+            named = files.get(key)
+            if named is not None:
+                found[named].add(pid)
     return found
 
 
@@ -177,9 +201,12 @@ def _stat_file(backend: Backend, ident: str) -> Optional[SegmentInfo]:
 
 
 def _is_mpshm(backend: str, ident: str, in_default_dir: bool) -> bool:
+    """Whether an untracked segment bears mpshm's mark: a generated name (the
+    mmap directory may be one others use too, ``MPSHM_DIR=/dev/shm`` say)."""
     if backend == "posix":
         return bool(_MPSHM_POSIX.fullmatch(ident))
-    return backend == "mmap" and in_default_dir
+    return (backend == "mmap" and in_default_dir
+            and bool(_MPSHM_MMAP.fullmatch(os.path.basename(ident))))
 
 
 def _backends(names: Optional[Sequence[str]]) -> list[Backend]:
@@ -209,13 +236,17 @@ def inventory(backend_names: Optional[Sequence[str]] = None) -> list[Segment]:
     with what the journals and /proc say about each. Sorted by backend, name."""
     chosen = _backends(backend_names)
     journals = _journal.read_all()
-    journaled: dict[tuple[str, str], _journal.Journal] = {}
+    # Keyed as the listings name segments (a System V name of the user's own
+    # is journaled as given, listed by its key): (backend, listed ident) ->
+    # (journal, the key it was journaled under).
+    journaled: dict[tuple[str, str], tuple[_journal.Journal, tuple[str, str]]] = {}
     for journal in journals:  # a name in several journals: the latest registration's
         for key, record in journal.entries.items():
-            other = journaled.get(key)
+            listed = _listed(key)
+            other = journaled.get(listed)
             if other is None or (_num(record.get("t")) or 0) >= (
-                    _num(other.entries[key].get("t")) or 0):
-                journaled[key] = journal
+                    _num(other[0].entries[other[1]].get("t")) or 0):
+                journaled[listed] = (journal, key)
     found: dict[tuple[str, str], tuple[Backend, SegmentInfo]] = {}
     for backend in chosen:
         try:
@@ -247,8 +278,9 @@ def inventory(backend_names: Optional[Sequence[str]] = None) -> list[Segment]:
     segments = []
     for (backend_name, ident), (backend, info) in sorted(found.items()):
         identity = _identity(backend, ident, info)
-        owner = journaled.get((backend_name, ident))
-        entry = owner.entries[(backend_name, ident)] if owner else None
+        found_in = journaled.get((backend_name, ident))
+        owner = found_in[0] if found_in else None
+        entry = found_in[0].entries[found_in[1]] if found_in else None
         recorded = entry.get("id") if entry is not None else None
         if not isinstance(recorded, str):
             recorded = None
@@ -270,6 +302,7 @@ def inventory(backend_names: Optional[Sequence[str]] = None) -> list[Segment]:
             mapped=mapped, mapped_by=pids,
             age=now - since if (since := created or info.ctime) else None,
             ident=ident, identity=identity, journal=owner, recorded=recorded,
+            creator_uid=_int(info.extra.get("creator_uid")),
         )
         if owner is not None:
             header = owner.header
@@ -285,6 +318,14 @@ def inventory(backend_names: Optional[Sequence[str]] = None) -> list[Segment]:
             )
         segments.append(segment)
     return segments
+
+
+def _listed(key: tuple[str, str]) -> tuple[str, str]:
+    """*key* (backend, ident) as that backend's listing names the segment."""
+    try:
+        return key[0], backends.get(key[0]).listed_ident(key[1])
+    except Exception:  # an unknown backend, or an identifier it refuses
+        return key
 
 
 def _num(value: Any) -> Optional[float]:
@@ -333,6 +374,9 @@ def judge(segment: Segment, untracked: bool, named: bool) -> Verdict:
     if segment.uid != os.getuid():
         return keep("other-user", f"it belongs to {segment.owner} (uid {segment.uid}), "
                     "not to you")
+    if segment.creator_uid is not None and segment.creator_uid != os.getuid():
+        return keep("other-user", f"it was created by uid {segment.creator_uid}, not by you "
+                    "(its creator keeps every right over it, whoever owns it now)")
     if segment.mapped:
         who = ", ".join(map(str, segment.mapped_by)) or f"{segment.mapped} process(es)"
         return keep("mapped", f"a living process maps it ({who})")
@@ -369,7 +413,7 @@ def _resolve_names(names: Sequence[str]) -> set[tuple[str, str]]:
     for name in names:
         backend, ident = backends.resolve(name, None, {})
         assert ident is not None
-        keys.add((backend.name, ident))
+        keys.add((backend.name, backend.listed_ident(ident)))
     return keys
 
 
@@ -383,15 +427,18 @@ def gc(dry_run: bool = False, untracked: bool = False, names: Sequence[str] = ()
     """
     wanted = _resolve_names(names)
     segments = inventory(backend_names)
+    # Every name must exist before anything is destroyed: a misspelt one
+    # stops the whole run, not just its own part.
+    for key in sorted(wanted - {(s.backend, s.ident) for s in segments}):
+        raise FileNotFoundError(f"no segment {backends.get(key[0]).qualified(key[1])!r} "
+                                "exists (see `mpshm list --all`); nothing was destroyed")
     verdicts = []
-    seen = set()
     for segment in segments:
         key = (segment.backend, segment.ident)
         if wanted and key not in wanted:
             continue
         if not wanted and not segment.mpshm:
             continue
-        seen.add(key)
         verdict = judge(segment, untracked, named=key in wanted)
         if verdict.action == "destroy" and not dry_run:
             try:
@@ -405,22 +452,31 @@ def gc(dry_run: bool = False, untracked: bool = False, names: Sequence[str] = ()
             except OSError as exc:
                 verdict.error = str(exc)
         verdicts.append(verdict)
-    for key in sorted(wanted - seen):
-        raise FileNotFoundError(f"no segment {backends.get(key[0]).qualified(key[1])!r} "
-                                "exists (see `mpshm list --all`)")
     if not dry_run:
-        _prune(segments, verdicts)
+        _prune(segments, verdicts, {b.name for b in _backends(backend_names)})
     return verdicts
 
 
-def _prune(segments: list[Segment], verdicts: list[Verdict]) -> None:
-    """Rewrite dead trackers' journals to the entries whose segment still exists."""
+def _prune(segments: list[Segment], verdicts: list[Verdict], looked_at: set[str]) -> None:
+    """Rewrite dead trackers' journals to the entries whose segment still
+    exists; entries of backends not *looked_at* (``--backend``, or not
+    available now) are kept as they are."""
     existing = {(s.backend, s.ident) for s in segments}
     destroyed = {(v.segment.backend, v.segment.ident) for v in verdicts if v.destroyed}
-    for journal in _journal.read_all():
+
+    def kept(key: tuple[str, str]) -> bool:
+        if key[0] not in looked_at:
+            return True
+        listed = _listed(key)
+        return listed in existing and listed not in destroyed
+
+    with warnings.catch_warnings():  # (inventory() already warned of the same)
+        warnings.simplefilter("ignore", _journal.UntrustedJournalWarning)
+        journals = _journal.read_all()
+    for journal in journals:
         if alive(journal.pid, _num(journal.header.get("t"))):
             continue
-        keep = {k: e for k, e in journal.entries.items() if k in existing and k not in destroyed}
+        keep = {k: e for k, e in journal.entries.items() if kept(k)}
         if keep != journal.entries:
             try:
                 _journal.rewrite(journal, keep)
