@@ -382,10 +382,14 @@ def test_an_unusable_state_directory_never_stops_tracking(tmp_path):
     """
     from helpers import run_script
 
-    result = run_script(code, env={"MPSHM_STATE_DIR": str(blocker / "state")})
+    result = run_script(code, env={"MPSHM_STATE_DIR": str(blocker / "state"),
+                                   "TMPDIR": str(tmp_path)})
     assert result.returncode == 0 and result.stderr == ""
     name = result.stdout.strip()
     wait_until(lambda: not exists(name), 10)  # the tracker still destroyed it
+    # It journaled into a private fallback directory meanwhile (emptied now).
+    fallbacks = list(tmp_path.glob(f"mpshm-{os.getuid()}-trackers-*"))
+    assert len(fallbacks) == 1 and (fallbacks[0].stat().st_mode & 0o777) == 0o700
 
 
 def _dead_pid() -> int:
