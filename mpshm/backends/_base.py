@@ -421,20 +421,16 @@ class Backend(abc.ABC):
         (canonical); by default *ident* itself."""
         return ident
 
-    def sibling(self, ident: str) -> Optional[str]:
-        """A fresh random identifier for a segment that :meth:`link` can then
-        give the name *ident*, or None where the storage cannot (the default).
+    def claim_new(self, ident: str) -> Optional[str]:
+        """A record, made before this thread creates segment *ident*, that
+        :meth:`proves` accepts for the segment its next :meth:`create` of
+        *ident* makes; None where the storage cannot (the default).
 
-        Creating under a user's name goes through it when it can, so that
-        the name is registered with its identity before it exists."""
+        Creating under a user's name registers it first, so that a kill
+        during the creation leaves nothing the tracker cannot prove is ours.
+        The built-in file backends promise the token the creation writes;
+        System V names the creating process (:meth:`claim_identity`)."""
         return None
-
-    def link(self, ident: str, name: str) -> None:
-        """Give existing segment *ident* the further name *name* (canonical),
-        atomically; FileExistsError if *name* is taken, NotImplementedError
-        where the storage turns out unable to (the caller then creates under
-        *name* directly). Only called for an *ident* that :meth:`sibling` gave."""
-        raise NotImplementedError(f"the {self.name!r} backend cannot link segments")
 
     def claim_identity(self, ident: str, pid: int) -> Optional[str]:
         """A record, made before segment *ident* exists, that :meth:`proves`

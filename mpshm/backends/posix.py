@@ -31,7 +31,16 @@ from ._base import (
     random_token,
     sized_stat,
 )
-from ._files import after_attach, create_mapped, create_written, file_identity, lstat_identity
+from ._files import (
+    after_attach,
+    claim,
+    create_mapped,
+    create_written,
+    file_identity,
+    lstat_identity,
+    promised,
+    proves_claim,
+)
 
 __all__ = ["PosixBackend"]
 
@@ -114,23 +123,13 @@ class PosixBackend(Backend):
     def qualified(self, ident: str) -> str:
         return ident
 
-    def sibling(self, ident: str) -> Optional[str]:
-        # Only where objects are files in /dev/shm, which can be hard-linked.
-        return PREFIX + random_token() if _DIRECT else None
+    def claim_new(self, ident: str) -> Optional[str]:
+        return claim(SHM_DIR + _path(ident))
 
-    def link(self, ident: str, name: str) -> None:
-        try:
-            os.link(SHM_DIR + _path(ident), SHM_DIR + _path(name), follow_symlinks=False)
-        except FileExistsError:
-            raise FileExistsError(
-                errno.EEXIST, "A POSIX shared memory segment of that name exists", name
-            ) from None
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EMLINK):
-                # No room for the second name (tmpfs counts it against its
-                # inodes): the caller creates under the name itself instead.
-                raise NotImplementedError(f"{SHM_DIR} has no room for a link") from None
-            raise
+    def proves(self, recorded: Optional[str], current: Optional[str]) -> bool:
+        if recorded is not None and current is not None and proves_claim(recorded, current):
+            return True
+        return super().proves(recorded, current)
 
     @staticmethod
     def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
@@ -203,7 +202,8 @@ class PosixBackend(Backend):
         huge = _huge.tmpfs_huge(SHM_DIR) if _huge.wants_huge(options, size) else None
 
         def fill(fd: int) -> Attachment:
-            return create_mapped(fd, size, self.storage, SHM_DIR, self._REMEDY, huge)
+            return create_mapped(fd, size, self.storage, SHM_DIR, self._REMEDY, huge,
+                                 promised(SHM_DIR + _path(ident)))
 
         attachment: Attachment = self._new(ident, fill)
         return attachment
