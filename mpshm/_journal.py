@@ -221,8 +221,6 @@ class Writer:
         self._lines = 0
         self._header = {"journal": 1, **header}
         self.path = ""
-        #: Why the usual state directory was not used (None if it was).
-        self.fallback_reason: Optional[str] = None
         for attempt in range(2):
             try:
                 if attempt == 0:
@@ -239,9 +237,8 @@ class Writer:
                 )
                 os.fchmod(self._fd, 0o600)  # whatever the umask
                 break
-            except OSError as exc:
-                if attempt == 0:
-                    self.fallback_reason = str(exc)
+            except OSError:
+                continue
         if self._fd is not None:
             self._write([_line(self._header)])
 

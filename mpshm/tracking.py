@@ -558,6 +558,10 @@ class _Client:
                 stacklevel=2,
             )
         # The helper has it all now, and its own copy of the connection.
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Forget what is queued and close the connection."""
         self._pending.clear()
         self._unsent.clear()
         self._orphans = {}
@@ -634,13 +638,7 @@ class _Client:
             if deliver:
                 self._finish()
             self._held = {}
-            self._pending.clear()
-            self._unsent.clear()
-            self._orphans = {}
-            _backlogged.discard(self)
-            sock, self._sock = self._sock, None
-            if sock is not None:
-                sock.close()
+            self._let_go()
 
     def pid(self) -> Optional[int]:
         return self._pid

@@ -86,6 +86,20 @@ def popen_script(code: str, env: Optional[dict[str, str]] = None,
     )
 
 
+def finish(*procs: Optional[subprocess.Popen[str]]) -> None:
+    """End programs a test started (kill if still running, by their Popen)
+    and close their pipes."""
+    for proc in procs:
+        if proc is None:
+            continue
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
 # -- child-process targets (module level, so spawn and forkserver find them) --
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 import pytest
-from helpers import BACKENDS, ROOT, exists, popen_script, unique, wait_until
+from helpers import BACKENDS, ROOT, exists, finish, popen_script, unique, wait_until
 
 import mpshm
 from mpshm import _journal
@@ -56,15 +56,6 @@ def read_lines(proc: subprocess.Popen[str], count: int) -> list[str]:
             raise AssertionError(f"program said nothing; stderr: {proc.stderr.read()}")
         lines.append(line)
     return lines
-
-
-def finish(proc: subprocess.Popen[str]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-    for stream in (proc.stdin, proc.stdout, proc.stderr):
-        if stream is not None:
-            stream.close()
 
 
 @pytest.fixture

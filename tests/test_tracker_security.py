@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
-from helpers import exists, popen_script, require_root, unique, wait_until
+from helpers import exists, finish, popen_script, require_root, unique, wait_until
 
 import mpshm
 from mpshm import _journal, _protocol, _tracker, tracking
@@ -93,18 +93,6 @@ def _say(proc: subprocess.Popen[str], text: str = "") -> None:
     assert proc.stdin is not None
     proc.stdin.write(text + "\n")
     proc.stdin.flush()
-
-
-def _finish(*procs: Optional[subprocess.Popen[str]]) -> None:
-    for proc in procs:
-        if proc is None:
-            continue
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(10)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def _kill_dead(pid: int) -> None:
@@ -240,7 +228,7 @@ def test_impostor_at_a_dead_trackers_address_gets_nothing(state: str) -> None:
         assert report["accepted"] <= 1, report
         wait_until(lambda: not _journals(state), CLEANUP_LIMIT)
     finally:
-        _finish(program, impostor)
+        finish(program, impostor)
         _remove(names)
 
 
@@ -289,7 +277,7 @@ def test_another_users_process_carrying_the_address_does_not_pin_the_tracker(
         assert pinner.poll() is None  # it still runs
         wait_until(lambda: not _journals(state), CLEANUP_LIMIT)
     finally:
-        _finish(program, pinner)
+        finish(program, pinner)
         _remove([name] if name else [])
 
 
@@ -326,7 +314,7 @@ def test_carriers_count_only_processes_of_this_user() -> None:
         assert mine.pid in found
         assert plain.pid not in found and setuid.pid not in found
     finally:
-        _finish(*procs)
+        finish(*procs)
 
 
 # --------------------------------------------------------------------------
@@ -386,7 +374,7 @@ def test_process_that_switched_user_cannot_use_the_inherited_connection(state: s
         wait_until(lambda: not _journals(state), CLEANUP_LIMIT)  # every tracker is done
         assert exists(victim.name)  # the claim was not honoured
     finally:
-        _finish(program)
+        finish(program)
         _remove([name] if name else [])
         victim.close()
         victim.unlink()
@@ -432,7 +420,7 @@ def test_tracker_refuses_connections_of_another_user(state: str) -> None:
         wait_until(lambda: not _journals(state), CLEANUP_LIMIT)  # the tracker is done
         assert exists(victim.name)
     finally:
-        _finish(program, other)
+        finish(program, other)
         victim.close()
         victim.unlink()
 
@@ -514,7 +502,7 @@ def test_replacement_takes_over_what_exited_processes_made(
         print(f"replacement cleanup of {len(names)} segments ({backend}, {method}): {took:.3f} s")
         wait_until(lambda: not _journals(state), CLEANUP_LIMIT)
     finally:
-        _finish(program)
+        finish(program)
         _remove(names)
 
 
@@ -578,7 +566,7 @@ def test_takeover_only_of_a_dead_trackers_journal_by_exact_address(
     finally:
         if tracker is not None:
             tracker.journal.close(remove=True)
-        _finish(sleeper)  # type: ignore[arg-type]
+        finish(sleeper)  # type: ignore[arg-type]
         for sock in (*pair, listener):
             sock.close()
         for shm in segments.values():
@@ -638,7 +626,7 @@ def test_stopped_tracker_costs_about_a_second_and_one_warning(state: str) -> Non
         wait_until(lambda: not _journals(state), CLEANUP_LIMIT)
     finally:
         _resume(tracker)
-        _finish(program)
+        finish(program)
         _remove([name] if name else [])
 
 
@@ -694,7 +682,7 @@ def test_program_that_ends_while_its_tracker_is_stopped_leaks_nothing(
         wait_until(lambda: not _journals(state), CLEANUP_LIMIT)
     finally:
         _resume(tracker)
-        _finish(program)
+        finish(program)
         if listing.exists():
             _remove(listing.read_text().split())
 

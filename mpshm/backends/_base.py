@@ -38,6 +38,10 @@ __all__ = [
     "release_view",
 ]
 
+#: How a claim on a segment's creation token reads: ``claim:x<token>`` (see
+#: :meth:`Backend.claim_new` and :meth:`Backend.proves`).
+TOKEN_CLAIM = "claim:x"
+
 #: Random bits in generated names (issue 7 asks for at least 64).
 TOKEN_BYTES = 8
 
@@ -412,9 +416,14 @@ class Backend(abc.ABC):
     def proves(self, recorded: Optional[str], current: Optional[str]) -> bool:
         """Whether *current* (what :meth:`identity` says now) is the object
         that *recorded* (what a registration recorded: an identity, or a
-        claim of :meth:`claim_identity`) names. Nothing proves an absent
-        object, nor anything with no record."""
-        return recorded is not None and current is not None and recorded == current
+        claim of :meth:`claim_new`) names. Nothing proves an absent object,
+        nor anything with no record. A token claim (``claim:x<token>``) is
+        proved by an identity that ends in that token (``...:x<token>``)."""
+        if recorded is None or current is None:
+            return False
+        if recorded.startswith(TOKEN_CLAIM):
+            return current.endswith(":x" + recorded[len(TOKEN_CLAIM):])
+        return recorded == current
 
     def listed_ident(self, ident: str) -> str:
         """The identifier under which :meth:`list` reports segment *ident*

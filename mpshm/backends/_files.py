@@ -20,7 +20,7 @@ import threading
 from typing import Optional
 
 from . import _huge
-from ._base import MmapAttachment, no_space
+from ._base import TOKEN_CLAIM, MmapAttachment, no_space
 
 __all__ = [
     "after_attach",
@@ -77,10 +77,6 @@ def _token(value: bytes) -> str:
 
 #: Tokens promised by :func:`claim` to the next creation of a name, per thread.
 _promised = threading.local()
-#: How a claim made by :func:`claim` reads: ``claim:x<token>``.
-CLAIM = "claim:x"
-
-
 def claim(path: str) -> str:
     """A claim on the file this thread is about to create at *path*: the
     token that the creation (:func:`create_mapped`) then writes into it, so
@@ -90,18 +86,13 @@ def claim(path: str) -> str:
     if tokens is None:
         tokens = _promised.tokens = {}
     tokens[path] = token
-    return CLAIM + token
+    return TOKEN_CLAIM + token
 
 
 def promised(path: str) -> Optional[str]:
     """The token :func:`claim` promised to the creation of *path* (once)."""
     tokens = getattr(_promised, "tokens", None)
     return tokens.pop(path, None) if tokens else None
-
-
-def proves_claim(recorded: str, current: str) -> bool:
-    """Whether identity *current* carries the token of claim *recorded*."""
-    return recorded.startswith(CLAIM) and current.endswith(":x" + recorded[len(CLAIM):])
 
 
 def file_identity(fd: int, st: os.stat_result, size: Optional[int] = None,
