@@ -427,19 +427,74 @@ def _create_named(
     registered with *registry* (None: untracked) so that a kill at any moment
     leaves nothing behind, and nothing of anyone else's is destroyed.
 
-    The name is registered before the segment exists, with a claim that only
-    the segment this creation makes can prove
-    (:meth:`~mpshm.backends.Backend.claim_new`), then, if the claim does not
-    prove it by itself, with the segment's identity. Where the storage
-    cannot claim, a tracker is started first and the name registered as
-    soon as the segment exists.
+    Where the storage can give an existing segment a second name
+    (:meth:`~mpshm.backends.Backend.link`), the segment is made under a fresh
+    random name first (registered before it exists, as generated ones are),
+    then registered under the user's name with its identity, and only then
+    linked to that name: at every moment each name that exists is registered
+    with an identity that proves it is this segment. Elsewhere the name is
+    registered as soon as the segment exists, with a tracker already running.
     """
     if registry is None:
         return chosen.create(ident, size, options)
     if chosen.identity(ident) is not None:  # taken: fail before registering anything
         raise FileExistsError(errno.EEXIST, "A shared memory segment of that name exists",
                               chosen.qualified(ident))
-    claim = chosen.claim_new(ident)
+    staged = _generate_sibling(chosen, ident, size, options, registry)
+    if staged is None:
+        return _create_then_register(chosen, ident, size, options, registry)
+    attachment, sibling = staged
+    linked = False
+    try:
+        registry.register(chosen, ident, attachment.identity)
+        try:
+            chosen.link(sibling, ident)
+            linked = True
+        finally:
+            if not linked:  # (only ours: the winner of a race for the name keeps its own)
+                registry.unregister(chosen.name, ident, attachment.identity)
+    except NotImplementedError:  # this filesystem has no hard links after all
+        pass
+    finally:
+        if not linked:
+            attachment.close()
+        try:
+            chosen.unlink(sibling)
+        except OSError:
+            pass
+        registry.unregister(chosen.name, sibling)
+    if linked:
+        return attachment
+    return _create_then_register(chosen, ident, size, options, registry)
+
+
+def _generate_sibling(
+    chosen: Backend, ident: str, size: int, options: Mapping[str, Any], registry: _Registry,
+) -> Optional[tuple[Attachment, str]]:
+    """A new segment under a fresh random name that can be linked to *ident*
+    (registered before it exists), or None where the storage cannot link."""
+    while True:
+        sibling = chosen.sibling(ident)
+        if sibling is None:
+            return None
+        registry.register(chosen, sibling, None)
+        try:
+            return chosen.create(sibling, size, options), sibling
+        except FileExistsError:
+            registry.unregister(chosen.name, sibling)
+        except BaseException:
+            registry.unregister(chosen.name, sibling)
+            raise
+
+
+def _create_then_register(
+    chosen: Backend, ident: str, size: int, options: Mapping[str, Any], registry: _Registry,
+) -> Attachment:
+    """Create *ident*, then register it with its identity (storages that cannot
+    link). A claim sent first names the creating process, so that a kill
+    between creation and registration leaves a segment the tracker can still
+    prove is this process's (see :meth:`~mpshm.backends.Backend.claim`)."""
+    claim = chosen.claim_identity(ident, os.getpid())
     if claim is not None:
         registry.register(chosen, ident, claim)
     else:
@@ -450,19 +505,18 @@ def _create_named(
     try:
         attachment = chosen.create(ident, size, options)
     except BaseException:
-        if claim is not None:  # (only ours: the winner of a race for the name keeps its own)
+        if claim is not None:
             registry.unregister(chosen.name, ident, claim)
         raise
-    if claim is None or not chosen.proves(claim, attachment.identity):
+    try:
+        registry.register(chosen, ident, attachment.identity)
+    except BaseException:  # never leave a segment nobody knows of
+        attachment.close()
         try:
-            registry.register(chosen, ident, attachment.identity)
-        except BaseException:  # never leave a segment nobody knows of
-            attachment.close()
-            try:
-                chosen.unlink(ident)
-            except OSError:
-                pass
-            raise
+            chosen.unlink(ident)
+        except OSError:
+            pass
+        raise
     return attachment
 
 

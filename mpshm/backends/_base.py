@@ -38,10 +38,6 @@ __all__ = [
     "release_view",
 ]
 
-#: How a claim on a segment's creation token reads: ``claim:x<token>`` (see
-#: :meth:`Backend.claim_new` and :meth:`Backend.proves`).
-TOKEN_CLAIM = "claim:x"
-
 #: Random bits in generated names (issue 7 asks for at least 64).
 TOKEN_BYTES = 8
 
@@ -416,30 +412,29 @@ class Backend(abc.ABC):
     def proves(self, recorded: Optional[str], current: Optional[str]) -> bool:
         """Whether *current* (what :meth:`identity` says now) is the object
         that *recorded* (what a registration recorded: an identity, or a
-        claim of :meth:`claim_new`) names. Nothing proves an absent object,
-        nor anything with no record. A token claim (``claim:x<token>``) is
-        proved by an identity that ends in that token (``...:x<token>``)."""
-        if recorded is None or current is None:
-            return False
-        if recorded.startswith(TOKEN_CLAIM):
-            return current.endswith(":x" + recorded[len(TOKEN_CLAIM):])
-        return recorded == current
+        claim of :meth:`claim_identity`) names. Nothing proves an absent
+        object, nor anything with no record."""
+        return recorded is not None and current is not None and recorded == current
 
     def listed_ident(self, ident: str) -> str:
         """The identifier under which :meth:`list` reports segment *ident*
         (canonical); by default *ident* itself."""
         return ident
 
-    def claim_new(self, ident: str) -> Optional[str]:
-        """A record, made before this thread creates segment *ident*, that
-        :meth:`proves` accepts for the segment its next :meth:`create` of
-        *ident* makes; None where the storage cannot (the default).
+    def sibling(self, ident: str) -> Optional[str]:
+        """A fresh random identifier for a segment that :meth:`link` can then
+        give the name *ident*, or None where the storage cannot (the default).
 
-        Creating under a user's name registers it first, so that a kill
-        during the creation leaves nothing the tracker cannot prove is ours.
-        The built-in file backends promise the token the creation writes;
-        System V names the creating process (:meth:`claim_identity`)."""
+        Creating under a user's name goes through it when it can, so that
+        the name is registered with its identity before it exists."""
         return None
+
+    def link(self, ident: str, name: str) -> None:
+        """Give existing segment *ident* the further name *name* (canonical),
+        atomically; FileExistsError if *name* is taken, NotImplementedError
+        where the storage turns out unable to (the caller then creates under
+        *name* directly). Only called for an *ident* that :meth:`sibling` gave."""
+        raise NotImplementedError(f"the {self.name!r} backend cannot link segments")
 
     def claim_identity(self, ident: str, pid: int) -> Optional[str]:
         """A record, made before segment *ident* exists, that :meth:`proves`

@@ -16,16 +16,14 @@ import os
 import random
 import stat
 import sys
-import threading
 from typing import Optional
 
 from . import _huge
-from ._base import TOKEN_CLAIM, MmapAttachment, no_space
+from ._base import MmapAttachment, no_space
 
 __all__ = [
     "after_attach",
     "check_free",
-    "claim",
     "create_mapped",
     "create_written",
     "file_identity",
@@ -75,40 +73,16 @@ def _token(value: bytes) -> str:
     return "h" + hashlib.sha256(value).hexdigest()[:32]
 
 
-#: Tokens promised by :func:`claim` to the next creation of a name, per thread.
-_promised = threading.local()
-def claim(path: str) -> str:
-    """A claim on the file this thread is about to create at *path*: the
-    token that the creation (:func:`create_mapped`) then writes into it, so
-    that its identity proves the claim (where the filesystem takes tokens)."""
-    token = f"{random.getrandbits(64):016x}"
-    tokens = getattr(_promised, "tokens", None)
-    if tokens is None:
-        tokens = _promised.tokens = {}
-    tokens[path] = token
-    return TOKEN_CLAIM + token
-
-
-def promised(path: str) -> Optional[str]:
-    """The token :func:`claim` promised to the creation of *path* (once)."""
-    tokens = getattr(_promised, "tokens", None)
-    return tokens.pop(path, None) if tokens else None
-
-
 def file_identity(fd: int, st: os.stat_result, size: Optional[int] = None,
-                  mark: bool = False, token: Optional[str] = None) -> str:
+                  mark: bool = False) -> str:
     """The identity of open regular file *fd* (see above), whose ``fstat``
     is *st* and whose size is *size* (default: ``st.st_size``).
 
-    With *mark* (a file this process has just created), a token is written
-    into it first where the filesystem has no generation: *token* if given
-    (see :func:`claim`), else a fresh one. Without *mark*, a *token* given
-    is one this process has written into it already.
+    With *mark* (a file this process has just created and sized), a token is
+    written into it first where the filesystem has no generation.
     """
     dev = st.st_dev
     base = _plain(st, size)
-    if token is not None and not mark:
-        return f"{base}:x{token}"
     way = _ways.get(dev)
     if way is None or way == _GENERATION:
         try:
@@ -126,7 +100,7 @@ def file_identity(fd: int, st: os.stat_result, size: Optional[int] = None,
             # Unique is enough (it is no secret, and nobody else may write our
             # files): the random module's generator, reseeded in forked
             # children, costs a tenth of reading the kernel's randomness.
-            token = token or f"{random.getrandbits(64):016x}"
+            token = f"{random.getrandbits(64):016x}"
             os.setxattr(fd, XATTR, token.encode("ascii"), os.XATTR_CREATE)
         else:
             token = _token(os.getxattr(fd, XATTR))
@@ -346,7 +320,7 @@ def _fallocate(fd: int, size: int, storage: str, where: Optional[str], remedy: s
 
 def create_mapped(
     fd: int, size: int, storage: str, where: Optional[str], remedy: str,
-    huge: Optional[str] = None, token: Optional[str] = None,
+    huge: Optional[str] = None,
 ) -> MmapAttachment:
     """Reserve *size* bytes for new file *fd* (see :func:`reserve`) and map it.
 
@@ -361,11 +335,6 @@ def create_mapped(
     normal pages.
     """
     st = new_file(fd)
-    # The token goes in before the space is reserved (the longest part): a
-    # process killed meanwhile leaves a file that its claim already proves.
-    token = token or f"{random.getrandbits(64):016x}"
-    if not file_identity(fd, st, 0, mark=True, token=token).endswith(":x" + token):
-        token = None  # a filesystem with generations (or neither)
     if huge == "advise":
         check_free(size, storage, where, remedy)
         try:
@@ -374,7 +343,7 @@ def create_mapped(
             if _is_space_error(exc):
                 raise _space_error(size, storage, where, remedy) from None
             raise
-        identity = file_identity(fd, st, size, token=token)
+        identity = file_identity(fd, st, size, mark=True)
         attachment = MmapAttachment(fd, size, identity, kernel_address=True)
         try:
             assert attachment.buf is not None
@@ -401,7 +370,7 @@ def create_mapped(
             size = -(-size // page) * page
             huge = "hugetlbfs"
     reserve(fd, size, storage, where, remedy)
-    identity = file_identity(fd, st, size, token=token)  # sized (and rounded) first
+    identity = file_identity(fd, st, size, mark=True)  # sized (and rounded) first
     aligned = huge in ("always", "within_size", "hugetlbfs")
     return MmapAttachment(fd, size, identity, st, kernel_address=aligned)
 

@@ -33,15 +33,7 @@ from ._base import (
     random_token,
     sized_stat,
 )
-from ._files import (
-    after_attach,
-    claim,
-    create_mapped,
-    create_written,
-    file_identity,
-    lstat_identity,
-    promised,
-)
+from ._files import after_attach, create_mapped, create_written, file_identity, lstat_identity
 
 __all__ = ["MmapBackend", "default_dir"]
 
@@ -185,8 +177,24 @@ class MmapBackend(Backend):
     def qualified(self, ident: str) -> str:
         return f"{self.name}:{ident}"
 
-    def claim_new(self, ident: str) -> Optional[str]:
-        return claim(ident)
+    def sibling(self, ident: str) -> Optional[str]:
+        return os.path.join(os.path.dirname(ident), PREFIX + random_token())
+
+    def link(self, ident: str, name: str) -> None:
+        try:
+            os.link(ident, name, follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(
+                errno.EEXIST, "A file of that name exists", self.qualified(name)
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK,
+                             errno.ENOSPC, errno.EDQUOT):
+                # A filesystem without hard links (vfat, some FUSE ones), or
+                # without room for one more name.
+                raise NotImplementedError(
+                    f"{os.path.dirname(name)} cannot hold hard links") from None
+            raise
 
     _REMEDY = "Free space there, or pass dir= (or set MPSHM_DIR) to a larger filesystem."
 
@@ -220,7 +228,7 @@ class MmapBackend(Backend):
 
         def fill(fd: int, storage: str) -> Attachment:
             # (On hugetlbfs, create_mapped rounds the size up to whole huge pages.)
-            return create_mapped(fd, size, storage, where, self._REMEDY, huge, promised(ident))
+            return create_mapped(fd, size, storage, where, self._REMEDY, huge)
 
         attachment: Attachment = self._new(ident, options, fill)
         return attachment

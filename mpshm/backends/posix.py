@@ -31,15 +31,7 @@ from ._base import (
     random_token,
     sized_stat,
 )
-from ._files import (
-    after_attach,
-    claim,
-    create_mapped,
-    create_written,
-    file_identity,
-    lstat_identity,
-    promised,
-)
+from ._files import after_attach, create_mapped, create_written, file_identity, lstat_identity
 
 __all__ = ["PosixBackend"]
 
@@ -122,8 +114,23 @@ class PosixBackend(Backend):
     def qualified(self, ident: str) -> str:
         return ident
 
-    def claim_new(self, ident: str) -> Optional[str]:
-        return claim(SHM_DIR + _path(ident))
+    def sibling(self, ident: str) -> Optional[str]:
+        # Only where objects are files in /dev/shm, which can be hard-linked.
+        return PREFIX + random_token() if _DIRECT else None
+
+    def link(self, ident: str, name: str) -> None:
+        try:
+            os.link(SHM_DIR + _path(ident), SHM_DIR + _path(name), follow_symlinks=False)
+        except FileExistsError:
+            raise FileExistsError(
+                errno.EEXIST, "A POSIX shared memory segment of that name exists", name
+            ) from None
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EMLINK):
+                # No room for the second name (tmpfs counts it against its
+                # inodes): the caller creates under the name itself instead.
+                raise NotImplementedError(f"{SHM_DIR} has no room for a link") from None
+            raise
 
     @staticmethod
     def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
@@ -196,8 +203,7 @@ class PosixBackend(Backend):
         huge = _huge.tmpfs_huge(SHM_DIR) if _huge.wants_huge(options, size) else None
 
         def fill(fd: int) -> Attachment:
-            return create_mapped(fd, size, self.storage, SHM_DIR, self._REMEDY, huge,
-                                 promised(SHM_DIR + _path(ident)))
+            return create_mapped(fd, size, self.storage, SHM_DIR, self._REMEDY, huge)
 
         attachment: Attachment = self._new(ident, fill)
         return attachment

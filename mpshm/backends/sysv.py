@@ -598,9 +598,6 @@ class SysVBackend(Backend):
     def listed_ident(self, ident: str) -> str:
         return f"0x{key_for(ident):08x}"  # a name of the user's own is listed by its key
 
-    def claim_new(self, ident: str) -> Optional[str]:
-        return self.claim_identity(ident, os.getpid())
-
     def claim_identity(self, ident: str, pid: int) -> Optional[str]:
         # The kernel records who created a segment (cpid, cuid): a claim names
         # them before the segment exists.

@@ -122,8 +122,10 @@ def _pids() -> list[int]:
 def _mappers(paths: set[str]) -> dict[str, set[int]]:
     """For each of *paths*, the pids whose /proc/<pid>/maps map that file.
 
-    Matched by device and inode, not by path: a file may have several
-    names, and a process maps it under the name it had when mapped."""
+    Matched by device and inode, not by path: a segment made under a user's
+    name is mapped by its creator under the random name it was made with
+    (see :meth:`~mpshm.backends.Backend.sibling`), gone since, and any file
+    may have several names."""
     found: dict[str, set[int]] = {path: set() for path in paths}
     files: dict[tuple[int, int], str] = {}
     for path in paths:
