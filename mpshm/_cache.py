@@ -1,6 +1,6 @@
 """Warm memory for pools: mappings kept across tasks, segments reused.
 
-Two caches, both bounded in bytes and given back to the operating system
+Three caches, all bounded in bytes and given back to the operating system
 when idle (a background thread sweeps them every :data:`SWEEP_INTERVAL`
 seconds):
 
@@ -16,13 +16,18 @@ seconds):
   workers as *spares* to write their results into. Copying into a warm
   segment runs at memcpy speed; into a fresh one, at the speed the kernel
   can allocate and zero pages.
+* :class:`PrivateCopies`, in a pool's workers: the private memory that
+  writable copies of task arguments were received in (copy-on-write
+  mappings, or System V's copies), kept for the next task once the copy is
+  gone and what it wrote is dropped (:func:`scrub`).
 
 A reused segment must not change under anyone who still looks at it. The
 receiving side of a reused segment gets its views through a *lease*
 (:func:`lease`): a small object exporting the bytes, which every view keeps
 alive. A worker reports which leases of task arguments are gone with its
 next result; the parent reuses such a segment only once every delivery of
-it has been reported gone. A result's lease in the parent hands its segment
+it has been reported gone (private mappings too: they still show later
+writes to the pages they have not copied). A result's lease in the parent hands its segment
 back to the cache when the last view of the result dies. Unconfirmed
 segments are never reused: they are destroyed (their names unlinked, which
 is always safe) when idle, or when the pool ends.
@@ -32,7 +37,9 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import mmap
 import os
+import re
 import threading
 import time
 import weakref
@@ -63,6 +70,73 @@ def default_limit() -> int:
     except (ValueError, OSError, AttributeError):  # pragma: no cover
         ram = 4 << 30
     return int(min(ram // 4, 4 << 30))
+
+
+#: Fraction of the storage's room (its free space plus what the cache itself
+#: holds) that a pool's warm segments may hold, whatever *limit* allows.
+CACHE_FRACTION = 0.25
+
+#: Seconds a reading of a storage's free space is reused (one ``statvfs``).
+SPACE_INTERVAL = 0.5
+
+
+class Room:
+    """Bytes the filesystem at *where* would have free if its user gave back
+    what it holds (``held()``): ``statvfs`` at most every
+    :data:`SPACE_INTERVAL` seconds; None where that is unknown."""
+
+    def __init__(self, where: Optional[str], held: Callable[[], int]) -> None:
+        self.where = where
+        self._held = held
+        self._at = float("-inf")
+        self._room: Optional[int] = None
+
+    def __call__(self) -> Optional[int]:
+        if self.where is None:
+            return None
+        now = time.monotonic()
+        if now - self._at >= SPACE_INTERVAL:
+            self._at = now
+            try:
+                st = os.statvfs(self.where)
+            except OSError:
+                self._room = None
+            else:
+                self._room = st.f_bavail * st.f_frsize + self._held() if st.f_blocks else None
+        return self._room
+
+
+#: Seconds a creation that found the storage full waits for workers to drop
+#: their mappings of the warm segments given back (see WarmSegments.reclaim).
+RECLAIM_WAIT = 2.0
+
+
+def _free(where: Optional[str]) -> Optional[int]:
+    """Free bytes of the filesystem at *where* now, or None."""
+    if where is None:
+        return None
+    try:
+        st = os.statvfs(where)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+# Caches that give back what they hold when a creation finds the storage full.
+_reclaimable: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def reclaim() -> bool:
+    """The storage is full: every cache of this process gives back what it
+    holds (called by a creation that failed with ENOSPC, before it tries
+    once more). True if any cache had something to give back."""
+    freed = False
+    for cache in list(_reclaimable):
+        try:
+            freed = bool(cache.reclaim()) or freed
+        except Exception:
+            pass
+    return freed
 
 
 def fits(nbytes: int, size: int) -> bool:
@@ -186,6 +260,7 @@ class MappingCache:
         self._bytes = 0
         self._ids: set[int] = set()  # id() of the cached owners
         self._registered = False
+        _reclaimable.add(self)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -258,6 +333,18 @@ class MappingCache:
             if now - entry.last > self.idle or current_identity(*key) != entry.identity:
                 self._drop(key, entry)
 
+    def reclaim(self) -> bool:
+        """The storage is full: drop the mappings of segments whose names are
+        gone (a mapping keeps an unlinked segment's memory). True if any."""
+        with self._lock:
+            items = list(self._entries.items())
+        dropped = False
+        for key, entry in items:
+            if current_identity(*key) != entry.identity:
+                self._drop(key, entry)
+                dropped = True
+        return dropped
+
     def clear(self) -> None:
         """Drop every entry."""
         with self._lock:
@@ -268,6 +355,181 @@ class MappingCache:
 
 #: This process's cache of received mappings.
 mappings = MappingCache()
+
+
+# --------------------------------------------------------------------------
+# Receiving side: private memory of writable copies, kept across messages
+
+# /proc/self/pagemap has 8 bytes per page; in the last one, bit 7 says
+# "present", bit 6 "swapped" and bit 5 "a file's page" (or shared memory's).
+# A page of a private file mapping that is present but not the file's, or
+# swapped, was copied on write.
+_WRITTEN = bytes(1 if (b & 0x80 and not b & 0x20) or b & 0x40 else 0 for b in range(256))
+_RUNS = re.compile(b"\x01+")
+_MADV_DONTNEED = 4
+
+
+def scrub(owner: Any, offset: int, nbytes: int) -> bool:
+    """Make bytes ``[offset, offset + nbytes)`` of private mapping *owner*
+    (an :class:`mmap.mmap` nothing looks at any more) show its segment again:
+    drop the pages there it copied on write (``madvise(MADV_DONTNEED)``;
+    found in ``/proc/self/pagemap``). False if that cannot be done (no
+    pagemap): the mapping must then not be reused."""
+    from .backends._huge import madvise
+
+    page = mmap.PAGESIZE
+    try:
+        address = int(ctypes.addressof(ctypes.c_char.from_buffer(owner))) + offset
+        fd = os.open("/proc/self/pagemap", os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except (OSError, TypeError, ValueError, BufferError):
+        return False
+    address, nbytes = address - address % page, nbytes + address % page
+    pages = -(-nbytes // page)
+    try:
+        table = os.pread(fd, pages * 8, address // page * 8)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    if len(table) != pages * 8:
+        return False
+    for run in _RUNS.finditer(table[7::8].translate(_WRITTEN)):
+        start, end = run.span()
+        if madvise(address + start * page, (end - start) * page, _MADV_DONTNEED) != 0:
+            return False
+    return True
+
+
+def anonymous(nbytes: int) -> mmap.mmap:
+    """Private memory of *nbytes* bytes (> 0) for a copy, page-aligned."""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+
+
+class PrivateCopies:
+    """Private memory that writable copies received by a pool's worker (task
+    arguments) lived in, kept for the next message: copy-on-write mappings
+    of segments (by segment), and, for storages that cannot map privately
+    (System V), buffers (by size) the bytes are copied into.
+
+    A kept entry is taken out while a copy lives in it, and comes back once
+    the last view of that copy is gone (:meth:`lease`); a mapping comes back
+    only once :func:`scrub` has dropped what the copy wrote. So two copies
+    never share memory, and a copy never shows what an earlier one wrote.
+    Bounded and swept as :class:`MappingCache`.
+    """
+
+    def __init__(self, limit: Optional[int] = None, idle: Optional[float] = None) -> None:
+        self.limit = default_limit() if limit is None else limit
+        self.idle = IDLE_SECONDS if idle is None else idle
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._lock = threading.RLock()
+        # (backend, ident) of a segment's mapping, ("", size) of a buffer.
+        self._entries: collections.OrderedDict[tuple[str, str], _Mapped] = (
+            collections.OrderedDict()
+        )
+        self._bytes = 0
+        self._registered = False
+        _reclaimable.add(self)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the private memory held."""
+        return self._bytes
+
+    def take(self, backend: str, ident: str, size: int) -> Optional[tuple[Any, Optional[str]]]:
+        """(owner, identity) of the kept private mapping of segment *ident*
+        (backend ``""``: of the kept buffer of *size* bytes), if there is one
+        and the name still names the segment it maps; it is no longer kept."""
+        key = (backend, ident if backend else str(size))
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is None:
+                return None
+            self._bytes -= entry.size
+        if entry.size != size or (
+            backend and current_identity(backend, ident) != entry.identity
+        ):
+            return None
+        return entry.owner, entry.identity
+
+    def lease(
+        self, owner: Any, offset: int, nbytes: int, backend: str, ident: str, size: int,
+        identity: Optional[str],
+    ) -> Any:
+        """A lease (see :func:`lease`) of *owner*, which is kept again (see
+        :meth:`take`) once the lease is gone."""
+        owned = lease(owner, offset, nbytes)
+        weakref.finalize(owned, self._put, owner, backend, ident, size, identity, offset,
+                         nbytes).atexit = False
+        return owned
+
+    def _put(
+        self, owner: Any, backend: str, ident: str, size: int, identity: Optional[str],
+        offset: int, nbytes: int,
+    ) -> None:
+        if size > self.limit or (
+            backend and (identity is None or not scrub(owner, offset, nbytes))
+        ):
+            return
+        key = (backend, ident if backend else str(size))
+        dropped = []
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._bytes -= old.size
+                dropped.append(old)
+            self._entries[key] = _Mapped(owner, size, identity)
+            self._bytes += size
+            while self._bytes > self.limit and self._entries:
+                _, victim = self._entries.popitem(last=False)
+                self._bytes -= victim.size
+                dropped.append(victim)
+            register = not self._registered
+            self._registered = True
+        if register:
+            _sweeper.add(self)
+        del dropped  # unmapped here, outside the lock
+
+    def sweep(self, idle: Optional[float] = None) -> bool:
+        """Drop entries unused for more than *idle* seconds (default
+        :attr:`idle`), and mappings whose name is gone; True if any."""
+        now = time.monotonic()
+        idle = self.idle if idle is None else idle
+        with self._lock:
+            items = list(self._entries.items())
+        dropped = False
+        for (backend, ident), entry in items:
+            if now - entry.last > idle or (
+                backend and current_identity(backend, ident) != entry.identity
+            ):
+                with self._lock:
+                    if self._entries.get((backend, ident)) is entry:
+                        del self._entries[(backend, ident)]
+                        self._bytes -= entry.size
+                        dropped = True
+        return dropped
+
+    def reclaim(self) -> bool:
+        """The storage is full: drop the mappings of segments whose names are
+        gone (a mapping keeps an unlinked segment's memory). True if any."""
+        return self.sweep(idle=float("inf"))
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+            self._bytes = 0
+
+
+#: This process's kept private memory (see :class:`PrivateCopies`).
+private = PrivateCopies()
 
 
 class Receiving(threading.local):
@@ -303,6 +565,27 @@ class Warm:
         self.last = time.monotonic()
 
 
+_MADV_REMOVE = 9
+
+
+def _empty(unseen: list[tuple[Segment, Any]]) -> None:
+    """Give back the memory of warm segments that nobody looks at any more
+    (``madvise(MADV_REMOVE)`` through this process's mapping), just before
+    their names go: a worker's kept mapping (see :class:`MappingCache`)
+    would otherwise keep an unlinked segment's memory until its next sweep."""
+    from .backends._huge import madvise
+    from .reduction import buffer_address
+
+    for segment, owner in unseen:
+        try:
+            if owner is None:
+                owner = WarmSegments._map(segment)
+            madvise(buffer_address(owner), segment.size, _MADV_REMOVE)
+        except Exception:  # (then the memory goes when the last mapping does)
+            pass
+        owner = None
+
+
 class WarmSegments:
     """A pool parent's segments kept for reuse (see the module docstring).
 
@@ -310,14 +593,17 @@ class WarmSegments:
     ``done`` (its task is over; waiting for workers to report their views
     gone), ``leased`` (holding a result the parent still looks at) and
     ``free`` (reusable). ``free`` and ``done`` segments count against
-    *limit*; the rest are in use.
+    *limit*, and against :data:`CACHE_FRACTION` of the room of the storage
+    at *where* (see :class:`Room`); the rest are in use.
     """
 
     def __init__(
         self, destroy: Callable[[list[Segment]], None],
         limit: Optional[int] = None, idle: Optional[float] = None,
+        where: Optional[str] = None,
     ) -> None:
-        self._destroy = destroy
+        self._destroy_segments = destroy
+        self._unseen: list[tuple[Segment, Any]] = []  # (see _remove)
         self.limit = default_limit() if limit is None else limit
         self.idle = IDLE_SECONDS if idle is None else idle
         self._lock = threading.RLock()
@@ -325,7 +611,15 @@ class WarmSegments:
         self._cached = 0  # bytes of free and done entries
         self._result_sizes: collections.deque[int] = collections.deque(maxlen=4)
         self._closed = False
+        self._room = Room(where, lambda: self._cached)
         _sweeper.add(self)
+        _reclaimable.add(self)
+
+    def bound(self) -> int:
+        """Bytes the cache may hold now: *limit*, and at most
+        :data:`CACHE_FRACTION` of the storage's room."""
+        room = self._room()
+        return self.limit if room is None else min(self.limit, int(room * CACHE_FRACTION))
 
     # -- bookkeeping helpers (lock held)
 
@@ -338,12 +632,31 @@ class WarmSegments:
         warm.state = state
         warm.last = time.monotonic()
 
-    def _remove(self, warm: Warm) -> None:
+    def _remove(self, warm: Warm, unseen: bool = False) -> None:
         key = (warm.segment.backend.name, warm.segment.ident)
         if self._entries.get(key) is warm:
+            if (unseen or warm.state == FREE) and not self._closed:
+                # Nobody looks at it: its memory is given back before its name
+                # goes, whoever still maps it (see _empty).
+                self._unseen.append((warm.segment, warm.owner))
             del self._entries[key]
             self._set(warm, "gone")
         warm.owner = None
+
+    def _destroy(self, segments: list[Segment]) -> None:
+        with self._lock:
+            unseen, self._unseen = self._unseen, []
+        if unseen:
+            from .reduction import reaper
+
+            reaper.later(self._empty_then_destroy, unseen, segments)
+        else:
+            self._destroy_segments(segments)
+
+    def _empty_then_destroy(self, unseen: list[tuple[Segment, Any]],
+                            segments: list[Segment]) -> None:
+        _empty(unseen)  # (through a mapping found by name: before the name goes)
+        self._destroy_segments(segments)
 
     def _settle(self, warm: Warm) -> list[Segment]:
         """A segment no longer used by its task: free if nobody can still see
@@ -353,9 +666,9 @@ class WarmSegments:
         state = FREE if warm.pending <= 0 else DONE
         counted = warm.state == DONE  # already in _cached
         if self._closed or (
-            not counted and self._cached + warm.segment.size > self.limit
+            not counted and self._cached + warm.segment.size > self.bound()
         ):
-            self._remove(warm)
+            self._remove(warm, unseen=state == FREE)
             return [warm.segment]
         self._set(warm, state)
         return []
@@ -489,12 +802,21 @@ class WarmSegments:
             self._destroy(destroy)
 
     def sweep(self) -> None:
-        """Destroy segments idle for longer than :attr:`idle`."""
+        """Destroy segments idle for longer than :attr:`idle`, and the least
+        recently used ones beyond :meth:`bound` (the storage filled up)."""
         now = time.monotonic()
         destroy = []
         with self._lock:
             for warm in list(self._entries.values()):
                 if warm.state in (FREE, DONE) and now - warm.last > self.idle:
+                    self._remove(warm)
+                    destroy.append(warm.segment)
+            if self._cached > self.bound():
+                cached = sorted((warm for warm in self._entries.values()
+                                 if warm.state in (FREE, DONE)), key=lambda warm: warm.last)
+                for warm in cached:
+                    if self._cached <= self.bound():
+                        break
                     self._remove(warm)
                     destroy.append(warm.segment)
         if destroy:
@@ -510,6 +832,31 @@ class WarmSegments:
                     destroy.append(warm.segment)
         if destroy:
             self._destroy(destroy)
+
+    def reclaim(self) -> bool:
+        """The storage is full: :meth:`trim`, and wait until the memory is
+        back (at most :data:`RECLAIM_WAIT` seconds: destruction runs in the
+        reaper's thread, and a segment still reported seen by a worker may
+        be mapped in its cache until its next sweep). True if anything was
+        held."""
+        with self._lock:
+            held = self._cached
+        if not held:
+            return False
+        where = self._room.where
+        before = _free(where)
+        self.trim()
+        from .reduction import reaper
+
+        reaper.drain()  # (destruction is queued there)
+        if before is not None:
+            deadline = time.monotonic() + RECLAIM_WAIT
+            while time.monotonic() < deadline:
+                now = _free(where)
+                if now is None or now >= before + held:
+                    break
+                time.sleep(0.01)
+        return True
 
     def close(self) -> list[Segment]:
         """Stop caching; return every segment held (for the caller to destroy)."""

@@ -39,7 +39,10 @@ from .shared_memory import ShareableList, SharedMemory, _check_size
 _State: Any = managers.State  # type: ignore[attr-defined]
 _dispatch: Any = managers.dispatch  # type: ignore[attr-defined]
 
-__all__ = ["ManagedSegment", "ManagerLimitError", "SharedMemoryManager", "SharedMemoryServer"]
+__all__ = [
+    "ManagedSegment", "ManagerLimitError", "ManagerNotRunningError", "SharedMemoryManager",
+    "SharedMemoryServer",
+]
 
 
 class ManagedSegment(NamedTuple):
@@ -51,6 +54,15 @@ class ManagedSegment(NamedTuple):
     backend: str
     #: Its size in bytes.
     size: int
+
+
+class ManagerNotRunningError(ProcessError, ValueError):
+    """A :class:`SharedMemoryManager` was used before ``start()`` or after ``shutdown()``.
+
+    A :class:`ValueError`, as the standard library's manager raises then (and
+    CPython's tests expect), and also a :class:`multiprocessing.ProcessError`,
+    as mpshm raised before, so that both kinds of ``except`` still catch it.
+    """
 
 
 class ManagerLimitError(MemoryError):
@@ -441,7 +453,7 @@ class SharedMemoryManager(BaseManager):
     def _request(self, operation: str, *args: Any) -> Any:
         """Send one request on this thread's session with the server; return its result."""
         if self._state.value != _State.STARTED:
-            raise ProcessError(
+            raise ManagerNotRunningError(
                 "the SharedMemoryManager is not running: call start() (or connect() to a "
                 "running one) first, or use it in a with block"
             )

@@ -16,7 +16,9 @@ fresh segment and sent as a handle; arrays already in a segment (see
 :mod:`mpshm.numpy`), :class:`~mpshm.SharedMemory` and
 :class:`~mpshm.ShareableList` are sent by handle without copying; the rest
 is pickled as usual. The same buffer sent in many tasks of one ``map`` is
-copied once.
+copied once. A receiver gets a copy as :class:`multiprocessing.pool.Pool`
+would deliver it: writable, its own (a private mapping of the segment, or,
+on System V, a copy out of it; see :mod:`mpshm.reduction`).
 
 Lifetimes:
 
@@ -60,8 +62,11 @@ import multiprocessing
 import multiprocessing.pool
 import multiprocessing.queues
 import os
+import pickle
 import sys
 import threading
+import time
+import traceback
 import weakref
 from multiprocessing import connection, context, util
 from multiprocessing.reduction import ForkingPickler
@@ -202,7 +207,7 @@ def _when_all_done(futures: list[Any], callback: Callable[[], None]) -> None:
 class _Loan:
     """A segment carrying one buffer for the tasks that use it."""
 
-    __slots__ = ("key", "segment", "source", "users", "warm")
+    __slots__ = ("charged", "key", "segment", "source", "users", "warm")
 
     def __init__(
         self, segment: Optional[reduction.Segment], source: Any, key: Any,
@@ -213,6 +218,138 @@ class _Loan:
         self.users = 0
         self.key = key
         self.warm = warm  # its entry in the pool's warm segments, if kept there
+        self.charged = 0  # bytes of the copy budget it holds (see _Budget)
+
+
+#: Fraction of the storage's room (its free space plus the pool's own copies
+#: in flight) that a pool's copies of task arguments may take by default.
+BUDGET_FRACTION = 0.5
+
+
+def _terminating() -> bool:
+    """Whether this thread is a Pool's task handler told to stop."""
+    state = getattr(threading.current_thread(), "_state", None)
+    return bool(state == multiprocessing.pool.TERMINATE)
+
+
+def _manager_thread() -> bool:
+    """Whether this thread is a ProcessPoolExecutor's manager thread, which
+    must never wait for room: it is the thread that reads the results that
+    would make room (the executor waits instead; see :meth:`_Budget.spent`)."""
+    kind = getattr(concurrent.futures.process, "_ExecutorManagerThread", None)
+    return kind is not None and isinstance(threading.current_thread(), kind)
+
+
+#: Times a copy that found the storage full is tried again (see
+#: :meth:`_Budget.after_full`) before its task fails with ENOSPC.
+FULL_TRIES = 4
+
+
+class _Budget:
+    """The bytes of task arguments a pool's parent may hold copied into
+    segments at once (``copy_budget`` of :func:`get_context`): *limit*, or
+    by default :data:`BUDGET_FRACTION` of the room of the storage at *where*
+    (see :class:`mpshm._cache.Room`; a quarter of physical memory, at most
+    4 GiB, where that is unknown). A copy that would overrun it waits until
+    tasks in flight are done; one larger than the whole budget goes when
+    nothing else is in flight (then it succeeds or fails alone), and so does
+    a message (a chunk of tasks) whose copies together are."""
+
+    def __init__(self, limit: Optional[int], where: Optional[str]) -> None:
+        self.limit = limit
+        self.used = 0
+        self.last = 0  # the latest copy's size (what the next is expected to need)
+        self.closed = False
+        # Whether room is given back as soon as a task is done, rather than
+        # once its copies are destroyed: an executor's manager thread learns
+        # of room only when results arrive (see spent()).
+        self.prompt = False
+        self._cond = threading.Condition(threading.Lock())
+        self._room = _cache.Room(where, lambda: self.used)
+
+    def allowance(self) -> int:
+        """Bytes the copies in flight may take now."""
+        if self.limit is not None:
+            return self.limit
+        room = self._room()
+        return _cache.default_limit() if room is None else int(room * BUDGET_FRACTION)
+
+    def _fits(self, nbytes: int, own: int = 0) -> bool:  # (lock held)
+        return (self.closed or self.used <= own
+                or self.used + nbytes <= self.allowance())
+
+    def acquire(self, nbytes: int, evict: Callable[[], bool], own: int = 0) -> None:
+        """Take *nbytes* of the budget, first waiting for room (after
+        ``evict()`` let go of what it could) unless this is an executor's
+        manager thread; *own* bytes of it are the same message's copies
+        (which must not wait for themselves)."""
+        wait = not _manager_thread()
+        while True:
+            with self._cond:
+                if not wait or self._fits(nbytes, own):
+                    if self.closed:
+                        raise RuntimeError("the pool has ended")
+                    self.used += nbytes
+                    self.last = nbytes
+                    return
+            if evict():
+                continue
+            if _terminating():
+                raise RuntimeError("the pool was terminated before this task could be sent")
+            with self._cond:
+                if not self._fits(nbytes, own):
+                    self._cond.wait(0.1)
+
+    def after_full(self, own: int, tries: int, evict: Callable[[], bool]) -> bool:
+        """A copy found the storage full (after the caches gave back what
+        they held); *own* bytes of the budget are its message's. Whether to
+        try again (at most :data:`FULL_TRIES` times): once ``evict()`` let go
+        of copies no task uses, or other copies in flight are done (waited
+        for here, a second at most), or, alone, once after workers have
+        dropped their mappings of segments destroyed meanwhile (which hold
+        their memory: see :data:`mpshm._cache.SWEEP_INTERVAL`). An executor's
+        manager thread only tries that last."""
+        if tries >= FULL_TRIES or _terminating():
+            return False
+        if not _manager_thread():
+            if evict():
+                return True
+            with self._cond:
+                if self.used > own and not self.closed:
+                    before = self.used
+                    if self._cond.wait_for(lambda: self.used < before or self.closed, 1.0):
+                        return not self.closed
+        if tries >= 2:
+            return False
+        time.sleep(_cache.SWEEP_INTERVAL * 1.5)
+        return True
+
+    def release(self, nbytes: int) -> None:
+        """Copies of *nbytes* bytes are done with."""
+        if nbytes:
+            with self._cond:
+                self.used = max(0, self.used - nbytes)
+                self._cond.notify_all()
+
+    def spent(self, evict: Callable[[], bool]) -> bool:
+        """Whether a copy as large as the latest would overrun the budget now
+        (after ``evict()`` let go of what it could): an executor then sends
+        no more tasks until results come back."""
+        if not self.used:  # nothing copied in flight (what the lock would say too)
+            return False
+        while True:
+            with self._cond:
+                if self._fits(self.last):
+                    return False
+            if not evict():
+                return True
+
+    def close(self) -> None:
+        """The pool has ended: nobody waits any more."""
+        with self._cond:
+            self.closed = True
+            self.used = 0
+            self._cond.notify_all()
 
 
 class _PoolCarrier(Carrier):
@@ -235,6 +372,7 @@ class _LoanCarrier(_PoolCarrier):
         self.sharing = sharing
         self.batch = batch
         self.used: list[_Loan] = []
+        self.charged = 0  # bytes of the copy budget this message took
 
     def registry(self) -> Any:
         return self.sharing.scope
@@ -252,8 +390,29 @@ class _LoanCarrier(_PoolCarrier):
                     if loan.warm is not None and sharing.warm is not None:
                         sharing.warm.delivered(loan.warm)
                     return loan.segment, 0
-        segment, warm = sharing.lend(raw, lambda: super(_LoanCarrier, self).carry(raw, address))
+        budget = sharing.budget
+        if budget is not None:
+            budget.acquire(raw.nbytes, sharing.evict_idle, self.charged)
+        tries = 0
+        while True:
+            try:
+                segment, warm = sharing.lend(
+                    raw, lambda: super(_LoanCarrier, self).carry(raw, address))
+                break
+            except BaseException as exc:
+                if (budget is not None and isinstance(exc, OSError)
+                        and exc.errno == errno.ENOSPC
+                        and budget.after_full(self.charged + raw.nbytes, tries,
+                                              sharing.evict_idle)):
+                    tries += 1
+                    continue
+                if budget is not None:
+                    budget.release(raw.nbytes)
+                raise
         loan = _Loan(segment, raw.obj, key, warm)
+        if budget is not None:
+            loan.charged = raw.nbytes
+            self.charged += raw.nbytes
         loan.users = 1
         self.used.append(loan)
         if key is not None:
@@ -308,6 +467,17 @@ class _GiveCarrier(_PoolCarrier):
         return "spare" if segment in self._spares else self.kind
 
 
+def _check_copy_budget(value: Optional[int]) -> Optional[int]:
+    """*copy_budget* as given to :func:`get_context` (None: the default)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 0):
+        raise ValueError(
+            f"copy_budget must be a number of bytes >= 0 (None: half the storage's free "
+            f"space), not {value!r}"
+        )
+    return value
+
+
 def _check_cache_bytes(value: Optional[int]) -> int:
     """*cache_bytes* as given to :func:`get_context` (None: the default)."""
     if value is None:
@@ -318,6 +488,45 @@ def _check_cache_bytes(value: Optional[int]) -> int:
             f"off, None means {_cache.default_limit()}), not {value!r}"
         )
     return value
+
+
+class _Process:
+    """This process's pid, without a system call per message (kept right
+    across ``fork`` by the hook below; other children import afresh)."""
+
+    pid = os.getpid()
+
+    @classmethod
+    def forked(cls) -> None:
+        cls.pid = os.getpid()
+
+
+_process = _Process
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_Process.forked)
+
+#: What :meth:`_Sharing.dumps` makes of None (a pool's wake-up and stop
+#: signals), as the standard library's pickler does.
+_PICKLED_NONE = pickle.dumps(None, protocol=5)
+
+#: This process's sharing objects, by their context's token: every message
+#: that names one (an executor's call queue wraps each task with it; see
+#: _Pickled) finds the same object instead of making a new one (a lock and
+#: its tables) per message. Forked children inherit their parent's.
+_sharings: weakref.WeakValueDictionary[str, _Sharing] = weakref.WeakValueDictionary()
+
+
+def _sharing_of(token: str, pid: int, state: bytes) -> _Sharing:
+    """The unpickled :class:`_Sharing` of context *token* made in process
+    *pid*: the one this process has already, else a new one of the pickled
+    *state*."""
+    found = _sharings.get(token)
+    if found is not None and found.pid == pid:
+        return found
+    sharing = _Sharing.__new__(_Sharing)
+    sharing.__setstate__(pickle.loads(state))
+    _sharings[sharing.token] = sharing
+    return sharing
 
 
 #: A worker's leases of task arguments, (backend, ident, weak reference)
@@ -342,23 +551,29 @@ class _Sharing:
 
     #: The parent's warm segments (None in workers, or with ``cache_bytes=0``).
     warm: Optional[_cache.WarmSegments]
+    #: The copy budget (the parent's only).
+    budget: Optional[_Budget]
 
     def __init__(
         self, backend: Optional[str], threshold: int, options: dict[str, Any],
-        cache_bytes: Optional[int] = None,
+        cache_bytes: Optional[int] = None, copy_budget: Optional[int] = None,
     ) -> None:
         probe = Carrier(backend, threshold, **options)  # validates all three
         self.backend = probe.backend
         self.threshold = probe.threshold
         self.options = options
         self.cache_bytes = _check_cache_bytes(cache_bytes)
+        self.copy_budget = _check_copy_budget(copy_budget)
         self.scope = tracking.Scope()
         self.scope.connect()  # starts the tracker before any worker exists
         self.token = self.scope.token
         self.pid = os.getpid()  # the owner: the pool's parent
         self._setup()
+        _sharings[self.token] = self
+        where = self.backend.where(options)
+        self.budget = _Budget(self.copy_budget, where)
         if self.cache_bytes != 0:
-            self.warm = _cache.WarmSegments(self._destroy, self.cache_bytes)
+            self.warm = _cache.WarmSegments(self._destroy, self.cache_bytes, where=where)
 
     def _destroy(self, segments: list[reduction.Segment]) -> None:
         reduction.reaper.later(reduction.discard, segments, self.scope)
@@ -380,6 +595,8 @@ class _Sharing:
         # the task being run (a worker).
         self.offered: dict[Any, list[_cache.Warm]] = {}
         self.spares: list[reduction.Segment] = []
+        self.budget = None
+        self._local = threading.local()  # each thread's pickler (see _pickler)
 
     def __getstate__(self) -> dict[str, Any]:
         return {
@@ -387,6 +604,16 @@ class _Sharing:
             "options": self.options, "token": self.token, "pid": self.pid,
             "cache_bytes": self.cache_bytes,
         }
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Unpickled as the process's one object of this context (see
+        # _sharing_of); an executor sends it with every task, so its state
+        # goes pickled once, and is unpickled only where it is new.
+        state = self.__getstate__()
+        blob = self.__dict__.get("_state_blob")
+        if blob is None or blob[0] != state:
+            blob = self._state_blob = (state, pickle.dumps(state, protocol=5))
+        return _sharing_of, (self.token, self.pid, blob[1])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         from . import backends
@@ -416,14 +643,9 @@ class _Sharing:
                     raise
                 warm.delivered(entry)
                 return entry.segment, entry
-        try:
-            segment, _ = fresh()
-        except OSError as exc:
-            if warm is None or exc.errno != errno.ENOSPC or not warm.cached_bytes:
-                raise
-            warm.trim()  # the storage is full: give back what is cached, try again
-            reduction.reaper.drain()
-            segment, _ = fresh()
+        # (A full storage: the creation gives back what the caches hold and
+        # tries once more; see shared_memory._reclaimed.)
+        segment, _ = fresh()
         if warm is None or segment.size > warm.limit:
             return segment, None
         entry = warm.add(segment)
@@ -435,11 +657,12 @@ class _Sharing:
     def _carrier(self, obj: Any) -> tuple[Carrier, Any, Optional[tuple[Any, ...]]]:
         """The carrier for message *obj*, its task key (tasks only), and what
         to substitute for it if it cannot be unpickled (see :func:`_substitute`)."""
-        if os.getpid() != self.pid:  # a worker: results go to the parent
-            if self._member is None or self._member_pid != os.getpid():
+        pid = _process.pid
+        if pid != self.pid:  # a worker: results go to the parent
+            if self._member is None or self._member_pid != pid:
                 self._member = _GiveCarrier(self, tracking.Member(self.token))
                 self._member.hands_over = True
-                self._member_pid = os.getpid()
+                self._member_pid = pid
                 self.spares = []
             result = _result_key(obj)
             self._member.begin(use_spares=result is not None)
@@ -459,9 +682,10 @@ class _Sharing:
         a handle the pickler did not see (inside an object's own
         ``__reduce__``, say) can fail to attach too, and the pool must hear
         of it rather than hang."""
+        if obj is None:  # a pool's wake-up or stop signal: nothing to say or share
+            return _PICKLED_NONE
         carrier, key, about = self._carrier(obj)
-        file = io.BytesIO()
-        pickler = SharingPickler(file, carrier, _dispatch_table())
+        pickler, file, table = self._pickler(carrier)
 
         def cleanup(failed: SharingPickler) -> None:
             if isinstance(carrier, _LoanCarrier):
@@ -489,7 +713,29 @@ class _Sharing:
             self.spares = []  # they were offered with its task only
             if _worker_leases:
                 extra = self._released()
-        return reduction.envelope(file.getvalue(), pickler.descriptors, about, extra)
+        data = reduction.envelope(file.getvalue(), pickler.descriptors, about, extra)
+        # Kept for this thread's next message (after an error, never: a new one).
+        pickler.finish()
+        file.seek(0)
+        file.truncate()
+        self._local.pickler = (pickler, file, table)
+        return data
+
+    def _pickler(self, carrier: Carrier) -> tuple[SharingPickler, io.BytesIO, Any]:
+        """A sharing pickler for one message with *carrier*, its file and
+        dispatch table: the one this thread kept from its last message if it
+        still fits (a pickler costs more to make than a small message does to
+        pickle), else a new one."""
+        local = self._local
+        table = _dispatch_table()
+        kept = getattr(local, "pickler", None)
+        if kept is not None:
+            local.pickler = None  # (a message pickled meanwhile gets a new one)
+            pickler, file, made_with = kept
+            if made_with is table and pickler.reuse(carrier):
+                return pickler, file, table
+        file = io.BytesIO()
+        return SharingPickler(file, carrier, table), file, table
 
     def _released(self) -> Optional[dict[str, Any]]:
         """(A worker) task arguments whose views are all gone, to report."""
@@ -508,8 +754,10 @@ class _Sharing:
         """Unpickle one message; a result ends its task's loans. A task or
         result that cannot be unpickled (its segment is gone, say) becomes
         one that reports the error."""
+        if data == _PICKLED_NONE:
+            return None
         main, descriptors, about, extra = reduction.split_message(data)
-        owner = os.getpid() == self.pid
+        owner = _process.pid == self.pid
         receiving = _cache.receiving
         if self.cache_bytes != 0:
             receiving.active = True
@@ -552,13 +800,23 @@ class _Sharing:
 
     def _release(self, loans: list[_Loan]) -> None:
         done = []
+        charged = later = 0  # of the copy budget: now, and once destroyed
         with self.lock:
             for loan in loans:
                 loan.users -= 1
                 if loan.users <= 0:
                     done.append(loan)
+                    if loan.segment is not None and loan.warm is None and not (
+                            self.budget is not None and self.budget.prompt):
+                        later += loan.charged
+                    else:
+                        charged += loan.charged
+                    loan.charged = 0
                     if loan.key is not None and self.memo.get(loan.key) is loan:
                         del self.memo[loan.key]
+        budget = self.budget
+        if charged and budget is not None:
+            budget.release(charged)
         segments = [loan.segment for loan in done
                     if loan.segment is not None and loan.warm is None]
         for loan in done:
@@ -567,6 +825,22 @@ class _Sharing:
                 self.warm.done(loan.warm)
         if segments:  # off this thread: see reduction.reaper
             reduction.reaper.later(reduction.discard, segments, self.scope)
+            if later and budget is not None:  # (its memory is back now)
+                reduction.reaper.later(budget.release, later)
+
+    def evict_idle(self) -> bool:
+        """Let go of the copies kept for later tasks of a batch that no task
+        in flight uses (to make room in the copy budget). True if any."""
+        idle: list[_Loan] = []
+        with self.lock:
+            for loans in self.held.values():
+                keep = [loan for loan in loans if loan.users > 1]
+                if len(keep) < len(loans):
+                    idle += [loan for loan in loans if loan.users <= 1]
+                    loans[:] = keep
+        if idle:
+            self._release(idle)
+        return bool(idle)
 
     def begin_batch(self, batch: Any) -> None:
         """Keep the copies made for *batch* until :meth:`end_batch`."""
@@ -584,6 +858,8 @@ class _Sharing:
     def close(self) -> None:
         """End the bookkeeping: the tracker destroys everything still lent or
         in flight (the pool has ended)."""
+        if self.budget is not None:
+            self.budget.close()
         if self.scope is not None and self.scope.alive():
             with self.lock:
                 loans = {id(loan): loan for loan in self.memo.values()}
@@ -715,10 +991,184 @@ def _share_queue(queue: Any, sharing: _Sharing) -> None:
     original = type(queue).put
 
     def put(obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-        original(queue, _Pickled(sharing.dumps(obj), sharing), block, timeout)
+        try:
+            data = sharing.dumps(obj)
+        except Exception as exc:  # (the standard library's feeder thread catches these)
+            if not _fail_call(queue, exc, obj):
+                raise
+            return
+        original(queue, _Pickled(data, sharing), block, timeout)
 
     queue.put = put
     queue._mpshm_sharing = sharing
+    budget = sharing.budget
+    if budget is not None and hasattr(queue, "full"):  # an executor's call queue
+        full = type(queue).full
+        budget.prompt = True
+
+        def full_or_spent() -> bool:  # (the executor feeds it while not full)
+            return bool(full(queue)) or budget.spent(sharing.evict_idle)
+
+        queue.full = full_or_spent
+
+
+def _fail_call(queue: Any, exc: Exception, obj: Any) -> bool:
+    """Fail the future of an executor's call *obj* that could not be pickled
+    (or copied into shared memory) with *exc*, as the standard library's
+    feeder thread does (``_SafeQueue._on_queue_feeder_error``), instead of
+    the executor's manager thread dying on it. False if *queue* is not an
+    executor's call queue or *obj* not a call.
+
+    Here the manager thread itself pickles (see :func:`_share_queue`): it is
+    woken up (it may have been told to shut down, with this call the last
+    one pending) only if no wake-up is pending already, since it is the one
+    that empties that pipe (many failing calls must not fill it)."""
+    process = concurrent.futures.process
+    pending = getattr(queue, "pending_work_items", None)
+    if pending is None or not isinstance(obj, process._CallItem):
+        return False
+    lines = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    remote: Any = process._RemoteTraceback
+    exc.__cause__ = remote('\n"""\n{}"""'.format("".join(lines)))
+    work_item = pending.pop(obj.work_id, None)
+    wakeup = getattr(queue, "thread_wakeup", None)
+    if wakeup is not None:
+        with queue.shutdown_lock:
+            reader = getattr(wakeup, "_reader", None)
+            if getattr(wakeup, "_closed", False) is False and not (
+                    reader is not None and reader.poll()):
+                wakeup.wakeup()
+    if work_item is not None:
+        work_item.future.set_exception(exc)
+    return True
+
+
+# --------------------------------------------------------------------------
+# A pool's initializer arguments
+
+
+class _InitargsCarrier(_PoolCarrier):
+    """Copies the buffers of one pool's ``initargs`` into segments that live
+    as long as the pool (or its context): each buffer once, however many
+    workers are started (and replaced, with ``maxtasksperchild``)."""
+
+    kind = "loan"  # the parent's: workers map it and never destroy it
+
+    def __init__(self, sharing: _Sharing) -> None:
+        super().__init__(sharing)
+        self.sharing = sharing
+        self.lock = threading.Lock()
+        # (address, size) -> the copy, and the buffer's exporter (kept alive
+        # so that no other buffer takes its address).
+        self.copies: dict[tuple[int, int], tuple[reduction.Segment, Any]] = {}
+        self.segments: dict[tuple[str, str], reduction.Segment] = {}
+
+    def registry(self) -> Any:
+        return self.sharing.scope
+
+    def carry(self, raw: memoryview, address: int) -> tuple[reduction.Segment, int]:
+        key = (address, raw.nbytes)
+        with self.lock:
+            found = self.copies.get(key)
+            if found is None:
+                segment, _ = super().carry(raw, address)
+                self.segments[(segment.backend.name, segment.ident)] = segment
+                found = self.copies[key] = (segment, raw.obj)
+        return found[0], 0
+
+    def dumps(self, initargs: tuple[Any, ...]) -> bytes:
+        """*initargs* pickled for one worker: what is pickled is the
+        worker's own (connections, say, are passed to that process alone);
+        large buffers are in this pool's segments."""
+        file = io.BytesIO()
+        pickler = SharingPickler(file, self, _dispatch_table())
+        reduction.dump(pickler, initargs, self._keep)
+        self._keep(pickler)
+        return reduction.envelope(file.getvalue(), pickler.descriptors)
+
+    def _keep(self, pickler: SharingPickler) -> None:
+        """Segments *pickler* made (copies of non-contiguous arrays are made
+        per pickle) end with the pool too."""
+        with self.lock:
+            for segment in pickler.made:
+                self.segments[(segment.backend.name, segment.ident)] = segment
+
+    def close(self) -> None:
+        """The pool has ended: destroy its copies."""
+        with self.lock:
+            segments = list(self.segments.values())
+            self.segments.clear()
+            self.copies.clear()
+        scope = self.sharing.scope
+        if segments and scope is not None and scope.alive():
+            reduction.discard(segments, scope)
+
+
+class _Initargs(tuple):  # type: ignore[type-arg]
+    """A pool's ``initargs`` as its workers' processes are given them: a
+    spawned (or forkserver) worker receives them with their large buffers
+    in shared memory (see :class:`_InitargsCarrier`)."""
+
+    source: Any
+    carrier: _InitargsCarrier
+
+    def __new__(cls, source: Iterable[Any], carrier: _InitargsCarrier) -> _Initargs:
+        self = super().__new__(cls, source)
+        self.source = source  # the pool's own object, to recognise it
+        self.carrier = carrier
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _load_initargs, (self.carrier.dumps(tuple(self)),)
+
+
+def _load_initargs(data: bytes) -> tuple[Any, ...]:
+    return tuple(reduction.loads(data))
+
+
+class _PoolsInitargs:
+    """A context's pools' initargs, by pool (the queue its workers get
+    tasks from, a pool's own): their copies end when the pool does, or
+    with the context."""
+
+    def __init__(self, sharing: _Sharing) -> None:
+        self.sharing = sharing
+        self.lock = threading.Lock()
+        self.pools: weakref.WeakKeyDictionary[Any, _Initargs] = weakref.WeakKeyDictionary()
+        self.carriers: set[_InitargsCarrier] = set()
+
+    def wrap(self, queue: Any, initargs: Any) -> _Initargs:
+        """The initargs to give the worker of the pool whose task queue is
+        *queue*: the same object for all its workers."""
+        with self.lock:
+            wrapped = self.pools.get(queue)
+            if wrapped is not None and wrapped.source is initargs:
+                return wrapped
+            carrier = _InitargsCarrier(self.sharing)
+            self.carriers.add(carrier)
+            wrapped = self.pools[queue] = _Initargs(initargs, carrier)
+        weakref.finalize(queue, self._ended, carrier).atexit = False
+        return wrapped
+
+    def _ended(self, carrier: _InitargsCarrier) -> None:
+        with self.lock:
+            if carrier not in self.carriers:
+                return
+            self.carriers.discard(carrier)
+        reduction.reaper.later(carrier.close)  # (called by the garbage collector)
+
+    def close(self) -> None:
+        """The context has ended."""
+        with self.lock:
+            carriers = list(self.carriers)
+            self.carriers.clear()
+        for carrier in carriers:
+            carrier.close()
+
+
+def _end_context(initargs: _PoolsInitargs, sharing: _Sharing) -> None:
+    initargs.close()
+    sharing.close()
 
 
 # --------------------------------------------------------------------------
@@ -779,14 +1229,15 @@ class SharingContext(context.BaseContext):
 
     def __init__(
         self, method: str, backend: Optional[str], share_threshold: int, options: dict[str, Any],
-        cache_bytes: Optional[int] = None,
+        cache_bytes: Optional[int] = None, copy_budget: Optional[int] = None,
     ) -> None:
         base = multiprocessing.get_context(method)
         self._name = base.get_start_method()
         self._base = base
         self._process_class = _PROCESSES[self._name]
-        self._sharing = _Sharing(backend, share_threshold, options, cache_bytes)
-        self._finalizer = weakref.finalize(self, self._sharing.close)
+        self._sharing = _Sharing(backend, share_threshold, options, cache_bytes, copy_budget)
+        self._initargs = _PoolsInitargs(self._sharing)
+        self._finalizer = weakref.finalize(self, _end_context, self._initargs, self._sharing)
 
     @property
     def backend(self) -> str:
@@ -803,17 +1254,33 @@ class SharingContext(context.BaseContext):
         """Bytes of warm segments kept for reuse (0: none; see :func:`get_context`)."""
         return self._sharing.cache_bytes
 
+    @property
+    def copy_budget(self) -> int:
+        """Bytes of task arguments that may be copied into segments at once
+        now (see :func:`get_context`)."""
+        budget = self._sharing.budget
+        assert budget is not None
+        return budget.allowance()
+
     def Process(self, *args: Any, **kwargs: Any) -> Any:
         """A process of this context's start method. A pool's or executor's
         worker exits if its parent dies, and the executor's task queue
-        pickles with the sharing pickler."""
+        pickles with the sharing pickler. A spawned (or forkserver) worker
+        gets the pool's ``initargs`` with their large buffers in shared
+        memory, copied once per pool."""
         process = self._process_class(*args, **kwargs)
         target = getattr(process, "_target", None)
         if any(target is worker for worker in _WORKER_TARGETS):
             process._mpshm_watch = True
-            for arg in getattr(process, "_args", ()):
+            args = getattr(process, "_args", ())
+            for arg in args:
                 if isinstance(arg, multiprocessing.queues.Queue):
                     _share_queue(arg, self._sharing)
+            # Both targets: (task queue, result queue, initializer, initargs, ...).
+            if (self._name != "fork" and len(args) > 3 and args[2] is not None
+                    and type(args[3]) in (tuple, list) and args[3]):
+                initargs = self._initargs.wrap(args[0], args[3])
+                process._args = (*args[:3], initargs, *args[4:])
         return process
 
     def SimpleQueue(self) -> SimpleQueue:
@@ -844,6 +1311,7 @@ def get_context(
     backend: Optional[str] = None,
     share_threshold: int = DEFAULT_THRESHOLD,
     cache_bytes: Optional[int] = None,
+    copy_budget: Optional[int] = None,
     **options: Any,
 ) -> SharingContext:
     """A :mod:`multiprocessing` context (start method *method*, default as
@@ -861,7 +1329,22 @@ def get_context(
     physical memory, at most 4 GiB; 0 turns both caches off (every task's
     copy goes to a fresh segment, every segment is mapped afresh). What is
     cached and unused for 5 seconds (``MPSHM_CACHE_IDLE``) is given back to
-    the system.
+    the system. The parent's warm segments also stay within a quarter of
+    the storage's room (its free space plus what they hold; ``statvfs`` at
+    most twice a second), and a creation in this process that finds the
+    storage full gives back every warm segment and tries once more.
+
+    *copy_budget* bounds the bytes of task arguments copied into segments
+    and not yet done with (their tasks in flight), so that ``map`` over any
+    number of inputs needs no more: the pool sends the next task once
+    earlier ones are done. None (the default) is half the storage's room
+    (its free space plus these copies; a quarter of physical memory, at
+    most 4 GiB, where the free space cannot be told, as on ``sysv``). An
+    input larger than the budget is sent when nothing else is in flight; one
+    the storage cannot hold fails its own task with ``OSError(ENOSPC)``
+    naming the storage, the size asked and the space free.
+    ``ProcessPoolExecutor`` stops feeding its workers while a copy as large
+    as the latest would overrun the budget.
     """
     if method is None:
         # The program's choice if it made one, else the platform's default
@@ -872,7 +1355,7 @@ def get_context(
         raise ValueError(
             f"unknown start method {method!r}; choose one of {sorted(_PROCESSES)}"
         )
-    return SharingContext(method, backend, share_threshold, options, cache_bytes)
+    return SharingContext(method, backend, share_threshold, options, cache_bytes, copy_budget)
 
 
 def _context_for(
@@ -880,18 +1363,20 @@ def _context_for(
     options: dict[str, Any],
 ) -> SharingContext:
     cache_bytes = options.pop("cache_bytes", None)
+    copy_budget = options.pop("copy_budget", None)
     if isinstance(context_or_method, SharingContext):
         if (backend is not None or share_threshold != DEFAULT_THRESHOLD or options
-                or cache_bytes is not None):
+                or cache_bytes is not None or copy_budget is not None):
             raise ValueError(
-                "give backend=, share_threshold= and cache_bytes= to get_context(), not both"
+                "give backend=, share_threshold=, cache_bytes= and copy_budget= to "
+                "get_context(), not both"
             )
         return context_or_method
     method = None
     if context_or_method is not None:
         method = context_or_method.get_start_method()
     return get_context(method, backend=backend, share_threshold=share_threshold,
-                       cache_bytes=cache_bytes, **options)
+                       cache_bytes=cache_bytes, copy_budget=copy_budget, **options)
 
 
 class _JobCache(multiprocessing.pool._PoolCache):  # type: ignore[name-defined,misc]

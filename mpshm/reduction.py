@@ -18,9 +18,12 @@ raises :class:`HandleError` naming both machines.
 pickle protocol 5 out-of-band buffer (NumPy arrays, ``memoryview``,
 :class:`pickle.PickleBuffer` and objects built on them) of at least
 ``threshold`` bytes is copied once into a fresh segment and sent as a handle;
-smaller ones travel inline. Receivers get read-only views of such copies
-(pickling semantics: the sender's later writes are not the receiver's
-business). A buffer already inside a segment is sent by reference, never
+smaller ones travel inline. Receivers get such a copy as pickling gives it:
+their own, writable (read-only if the sender's buffer was), and nobody
+else sees their writes. It is a private (copy-on-write) mapping of the
+segment where the storage has one (POSIX, mmap files): free until a page is
+written; System V has none, so there the receiver copies the bytes out of
+the segment. A buffer already inside a segment is sent by reference, never
 copied. ``bytearray`` objects are the exception: CPython's pickler writes
 them inline without asking any hook; wrap one in ``memoryview`` to share it.
 
@@ -40,6 +43,7 @@ from __future__ import annotations
 import copyreg
 import ctypes
 import io
+import marshal
 import os
 import pickle
 import queue
@@ -73,6 +77,8 @@ __all__ = [
 DEFAULT_THRESHOLD = 1 << 20
 
 _ENVELOPE = b"MPSHM\x01"
+#: The same for a pickle with a pool's note about it alone (see envelope).
+_NOTE = b"MPSHM\x02"
 _LENGTH = struct.Struct("!Q")
 
 
@@ -178,7 +184,8 @@ class _Region:
 
 # Reentrant: weakref callbacks (a slab freed, say) may run while it is held.
 _lock = threading.RLock()
-# Mapping owner (an mmap, a SysV attachment) -> where it is and what it maps.
+# Mapping owner (an mmap, a SysV attachment) -> where it is and what it maps
+# (private memory too: see _note_private).
 _regions: weakref.WeakKeyDictionary[Any, _Region] = weakref.WeakKeyDictionary()
 # (backend, ident) -> mapping owner, to reuse a live mapping on unpickling.
 _owners: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
@@ -632,6 +639,7 @@ class _Collector:
             self.made.append(Segment.of(shm))
             dst = np.ndarray(arr.shape, arr.dtype, buffer=shm._buf)
             np.copyto(dst, arr)
+            dst.flags.writeable = bool(arr.flags.writeable)  # as the copy arrives
             shm._forget_attachment()  # dst keeps the mapping while pickled
             buffer = pickle.PickleBuffer(dst)  # type: ignore[arg-type]
             return _rebuild_contiguous, (buffer, arr.dtype, arr.shape)
@@ -688,14 +696,15 @@ class _Collector:
                 self.kept.append(raw.obj)
             self.descriptors.append(_Descriptor(
                 region.backend, region.ident, region.name, region.size, _MACHINE,
-                offset, nbytes, raw.readonly if kind == "ref" else True, kind,
+                offset, nbytes, raw.readonly, kind,
             ))
             return False
         segment, offset = self.carrier.carry(raw, address)
         kind = self.carrier.kind_of(segment)
         if kind != "spare" and segment not in self.made:
             self.made.append(segment)
-        self.descriptors.append(segment.descriptor(offset, nbytes, True, kind))
+        # A copy arrives writable if the buffer was (pickle protocol 5's rule).
+        self.descriptors.append(segment.descriptor(offset, nbytes, raw.readonly, kind))
         return False
 
 
@@ -718,8 +727,29 @@ class SharingPickler(pickle.Pickler):
         super().__init__(file, protocol=5, buffer_callback=self._collector)
         self.carrier = carrier
         table = dict(copyreg.dispatch_table if dispatch_table is None else dispatch_table)
+        self._numpy = (sys.modules.get("numpy"), sys.modules.get("mpshm.numpy"))
         table.update(self._collector.reducers())
         self.dispatch_table = table
+
+    def finish(self) -> None:
+        """Let go of the message just pickled (the memo, the carrier and the
+        lists hold its objects) so that this pickler can be kept for
+        :meth:`reuse`; the caller empties the file."""
+        self.clear_memo()
+        collector = self._collector
+        collector.carrier = self.carrier = None  # type: ignore[assignment]
+        collector.descriptors = []
+        collector.made = []
+        collector.kept = []
+
+    def reuse(self, carrier: Carrier) -> bool:
+        """Make a pickler let go of by :meth:`finish` ready for another
+        message carried by *carrier*; False if it cannot be (a type it has a
+        reducer for was imported since: NumPy)."""
+        if self._numpy != (sys.modules.get("numpy"), sys.modules.get("mpshm.numpy")):
+            return False
+        self._collector.carrier = self.carrier = carrier
+        return True
 
     @property
     def descriptors(self) -> list[_Descriptor]:
@@ -757,8 +787,15 @@ def envelope(
     and nothing said *about* the message (what a pool substitutes for it if
     it cannot be unpickled; see :func:`split`) and no *extra* (a pool's
     bookkeeping of warm segments; see :func:`split_message`)."""
-    if not descriptors and about is None and extra is None:
-        return main
+    if not descriptors and extra is None:
+        if about is None:
+            return main
+        try:  # (a pool's note alone, of strings and numbers: marshal is quicker)
+            note = marshal.dumps(about)
+        except ValueError:
+            pass
+        else:
+            return b"".join((_NOTE, _LENGTH.pack(len(main)), main, note))
     parts = (descriptors, about) if extra is None else (descriptors, about, extra)
     table = pickle.dumps(parts, protocol=5)
     return b"".join((_ENVELOPE, _LENGTH.pack(len(main)), main, table))
@@ -864,6 +901,8 @@ def _take(descriptor: _Descriptor) -> memoryview:
             f"invalid shared memory handle: {descriptor.name!r} was lent by a pool to "
             "its workers and cannot be read here"
         )
+    if kind != "ref" and not descriptor.readonly:
+        return _private(descriptor, receiving.leases if kind == "loan" else None)
     cache = receiving.active and kind != "give"
     owner = attach_owner(
         descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
@@ -881,6 +920,81 @@ def _take(descriptor: _Descriptor) -> memoryview:
     return view.toreadonly() if descriptor.readonly else view
 
 
+def _note_private(owner: Any, backend: str, ident: str, name: str, size: int) -> None:
+    """Record that private memory *owner* (a private mapping, or a copy of
+    *size* bytes) came from segment *ident*: never sent by reference, never
+    reused for another message naming the segment."""
+    with _lock:
+        _regions[owner] = _Region(backend, ident, name, size, False)
+
+
+def _gone() -> None:
+    """A lease that is already gone (see :func:`_private`)."""
+    return None
+
+
+def _private(
+    descriptor: _Descriptor, leases: Optional[list[tuple[str, str, Any]]],
+) -> memoryview:
+    """A writable view of a buffer the sender copied (kinds give and loan),
+    as pickling gives it: the receiver's own memory, whose changes nobody
+    else sees. A private (copy-on-write) mapping of the segment where the
+    storage can map one, else a copy. With *leases* (a pool's worker receiving
+    task arguments), the private memory is kept for the next message (see
+    :class:`mpshm._cache.PrivateCopies`) and the segment's lease recorded there."""
+    backend, ident, name, size = (
+        descriptor.backend, descriptor.ident, descriptor.name, descriptor.size)
+    offset, nbytes = descriptor.offset, descriptor.nbytes
+    give = descriptor.kind == "give"
+    check_machine(descriptor.machine, name)
+    kept = None if leases is None else _cache.private.take(backend, ident, size)
+    if kept is None:
+        from .shared_memory import SharedMemory
+
+        try:
+            shm = SharedMemory._from_handle(backend, ident, name, size, private=True)
+        except NotImplementedError:
+            return _private_copy(descriptor, leases)
+        kept = shm._owner(), None if shm._attachment is None else shm._attachment.identity
+        shm._forget_attachment()  # the owner, referenced by the views, keeps the mapping
+        _note_private(kept[0], backend, ident, name, size)
+    owner, identity = kept
+    if give:
+        reaper.watch(owner, backend, ident)
+    if leases is None:
+        return memoryview(owner)[offset : offset + nbytes]
+    owned = _cache.private.lease(owner, offset, nbytes, backend, ident, size, identity)
+    leases.append((backend, ident, weakref.ref(owned)))
+    return _cache.lease_view(owned, False)
+
+
+def _private_copy(
+    descriptor: _Descriptor, leases: Optional[list[tuple[str, str, Any]]],
+) -> memoryview:
+    """:func:`_private` for a storage that cannot map privately (System V):
+    the bytes copied out of the segment into private memory."""
+    backend, ident, offset, nbytes = (
+        descriptor.backend, descriptor.ident, descriptor.offset, descriptor.nbytes)
+    source = attach_owner(
+        backend, ident, descriptor.name, descriptor.size, descriptor.machine,
+        shareable=False, cache=leases is not None,
+    )
+    if descriptor.kind == "give":
+        reaper.watch(source, backend, ident)
+    if nbytes == 0:
+        return memoryview(bytearray())
+    kept = None if leases is None else _cache.private.take("", "", nbytes)
+    copy = _cache.anonymous(nbytes) if kept is None else kept[0]
+    memoryview(copy)[:nbytes] = memoryview(source)[offset : offset + nbytes]
+    del source
+    _note_private(copy, backend, ident, descriptor.name, nbytes)
+    if leases is None:
+        return memoryview(copy)
+    owned = _cache.private.lease(copy, 0, nbytes, "", "", nbytes, None)
+    leases.append((backend, ident, _gone))  # the segment is not looked at any more
+    return _cache.lease_view(owned, False)
+
+
 def split(data: bytes) -> tuple[memoryview, list[_Descriptor], Any]:
     """The pickle, the out-of-band descriptors and the *about* note of *data*
     (see :func:`envelope`)."""
@@ -891,8 +1005,13 @@ def split(data: bytes) -> tuple[memoryview, list[_Descriptor], Any]:
 def split_message(data: bytes) -> tuple[memoryview, list[_Descriptor], Any, Any]:
     """:func:`split`, and the *extra* of :func:`envelope` (or None)."""
     view = memoryview(data)
-    if view[: len(_ENVELOPE)] != _ENVELOPE:
-        return view, [], None, None
+    head = view[: len(_ENVELOPE)]
+    if head != _ENVELOPE:
+        if head != _NOTE:
+            return view, [], None, None
+        start = len(_NOTE) + _LENGTH.size
+        (length,) = _LENGTH.unpack_from(view, len(_NOTE))
+        return view[start : start + length], [], marshal.loads(view[start + length :]), None
     start = len(_ENVELOPE) + _LENGTH.size
     (length,) = _LENGTH.unpack_from(view, len(_ENVELOPE))
     table = pickle.loads(view[start + length :])
@@ -912,7 +1031,8 @@ def loads(data: bytes) -> Any:
     """Unpickle what :func:`dumps` (or a pool's pickler) made.
 
     Buffers that travelled by handle come back as zero-copy views of their
-    segments; those the sender copied are read-only.
+    segments; those the sender copied as the receiver's own private copies,
+    writable if the sender's buffer was (see the module docstring).
     """
     main, descriptors, _ = split(data)
     return load_parts(main, descriptors)

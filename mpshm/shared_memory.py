@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import operator
 import os
+import re
 import struct
 import sys
 import types
@@ -25,10 +26,12 @@ from typing import (
     Optional,
     Protocol,
     TypeVar,
+    Union,
 )
 
 from . import backends, reduction, tracking
 from .backends import Attachment, Backend
+from .backends._base import Unnamed
 
 __all__ = ["OwnershipWarning", "ShareableList", "SharedMemory"]
 
@@ -217,7 +220,13 @@ class SharedMemory:
             attachment = chosen.attach(ident, options)
             _check_owner(attachment, name or ident, policy)
         elif ident is not None:
-            attachment = _create_named(chosen, ident, size, options, tracking if track else None)
+            registry = tracking if track else None
+            try:
+                attachment = _create_named(chosen, ident, size, options, registry)
+            except OSError as exc:
+                if not _reclaimed(exc):
+                    raise
+                attachment = _create_named(chosen, ident, size, options, registry)
         else:
             registry = tracking if track else None
             attachment, ident = _create_generated(chosen, size, options, registry)
@@ -251,7 +260,12 @@ class SharedMemory:
         return self
 
     @classmethod
-    def _from_handle(cls: type[_T], backend: str, ident: str, name: str, size: int) -> _T:
+    def _from_handle(
+        cls: type[_T], backend: str, ident: str, name: str, size: int, private: bool = False,
+    ) -> _T:
+        """Attach the segment of a pickled handle; with *private*, copy-on-write
+        (see :meth:`~mpshm.backends.Backend.attach_private`): NotImplementedError
+        where the storage cannot."""
         chosen = backends.get(backend)
         if not isinstance(ident, str) or chosen.parse(ident, {}) != ident:
             # Handles carry canonical identifiers: this one was forged or damaged.
@@ -268,7 +282,7 @@ class SharedMemory:
             )
         self = cls.__new__(cls)
         try:
-            attachment = chosen.attach(ident, {})
+            found = chosen.attach_private(ident, {}) if private else chosen.attach(ident, {})
         except FileNotFoundError as exc:
             raise FileNotFoundError(
                 errno.ENOENT,
@@ -277,6 +291,9 @@ class SharedMemory:
                 "created it ended",
                 name,
             ) from exc
+        if found is None:
+            raise NotImplementedError(f"the {backend} backend cannot map {name!r} privately")
+        attachment = found
         if attachment.size != size:
             attachment.close()
             raise ValueError(
@@ -291,9 +308,11 @@ class SharedMemory:
     def __reduce__(self) -> tuple[Callable[..., Any], tuple[Any, ...]]:
         if self._backend is None or self._ident is None:
             raise ValueError("cannot pickle a SharedMemory that was never opened")
+        # The size as a fixed-width string: a pickle's length does not depend on
+        # the segment's size under any protocol (protocol 0 writes ints in decimal).
         return (
             _rebuild,
-            (type(self), self._backend.name, self._ident, self.name, self.size,
+            (type(self), self._backend.name, self._ident, self.name, f"{self.size:016x}",
              reduction.machine()),
         )
 
@@ -396,7 +415,10 @@ def _generate(
 ) -> tuple[_R, str]:
     """Create a segment with a fresh name by ``make(ident) -> (result,
     identity)``; register it with *registry* (the :mod:`~mpshm.tracking`
-    module, a Scope, or None for untracked)."""
+    module, a Scope, or None for untracked). A storage found full is tried
+    once more if this process's caches had memory to give back (see
+    :func:`_reclaimed`)."""
+    retried = False
     while True:
         ident = chosen.generate(options)
         registered = False
@@ -413,10 +435,24 @@ def _generate(
                 registry.unregister(chosen.name, ident)
             if isinstance(exc, FileExistsError):
                 continue
+            if not retried and _reclaimed(exc):
+                retried = True
+                continue
             raise
         if registered and identity is not None and not chosen.unique_names:
             registry.register(chosen, ident, identity)  # type: ignore[union-attr]
         return result, ident
+
+
+def _reclaimed(exc: BaseException) -> bool:
+    """Whether *exc* says the storage is full and this process's caches (a
+    pool's warm segments, kept mappings) gave back what they held: then a
+    creation is worth one more try. Costs nothing unless the storage is full."""
+    if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
+        return False
+    from . import _cache
+
+    return _cache.reclaim()
 
 
 def _create_named(
@@ -427,19 +463,29 @@ def _create_named(
     registered with *registry* (None: untracked) so that a kill at any moment
     leaves nothing behind, and nothing of anyone else's is destroyed.
 
-    Where the storage can give an existing segment a second name
-    (:meth:`~mpshm.backends.Backend.link`), the segment is made under a fresh
-    random name first (registered before it exists, as generated ones are),
-    then registered under the user's name with its identity, and only then
-    linked to that name: at every moment each name that exists is registered
-    with an identity that proves it is this segment. Elsewhere the name is
-    registered as soon as the segment exists, with a tracker already running.
+    Where the storage can make a segment without a name
+    (:meth:`~mpshm.backends.Backend.create_unnamed`: an O_TMPFILE file),
+    the unnamed segment is registered under the user's name with its
+    identity, then given that name (see :func:`_name_unnamed`): one message
+    to the tracker. Else, where it can give an existing segment a second
+    name (:meth:`~mpshm.backends.Backend.link`), the segment is made under a
+    fresh random name first (registered before it exists, as generated ones
+    are), then registered under the user's name with its identity, and only
+    then linked to that name. Either way, at every moment each name that
+    exists is registered with an identity that proves it is this segment.
+    Elsewhere the name is registered as soon as the segment exists, with a
+    tracker already running.
     """
     if registry is None:
         return chosen.create(ident, size, options)
-    if chosen.identity(ident) is not None:  # taken: fail before registering anything
+    if chosen.exists(ident):  # taken: fail before registering anything
         raise FileExistsError(errno.EEXIST, "A shared memory segment of that name exists",
                               chosen.qualified(ident))
+    unnamed = chosen.create_unnamed(ident, size, options)
+    if unnamed is not None:
+        named = _name_unnamed(chosen, ident, unnamed, registry)
+        if named is not None:
+            return named
     staged = _generate_sibling(chosen, ident, size, options, registry)
     if staged is None:
         return _create_then_register(chosen, ident, size, options, registry)
@@ -466,6 +512,35 @@ def _create_named(
     if linked:
         return attachment
     return _create_then_register(chosen, ident, size, options, registry)
+
+
+def _name_unnamed(
+    chosen: Backend, ident: str, unnamed: Unnamed, registry: _Registry,
+) -> Optional[Attachment]:
+    """Register *ident* with the identity of *unnamed*, then give it that
+    name: a kill before the name exists leaves nothing (an unnamed segment
+    dies with this process), and once it exists the tracker can prove it is
+    this segment. FileExistsError if the name is taken meanwhile (its
+    registration withdrawn, the winner's left alone); None where the storage
+    cannot name it after all (nothing left either: the caller creates
+    another way)."""
+    attachment = unnamed.attachment
+    named = False
+    try:
+        registry.register(chosen, ident, attachment.identity)
+        try:
+            unnamed.name()
+            named = True
+        except NotImplementedError:
+            pass
+        finally:
+            if not named:  # (only ours: the winner of a race for the name keeps its own)
+                registry.unregister(chosen.name, ident, attachment.identity)
+    finally:
+        unnamed.release()
+        if not named:
+            attachment.close()
+    return attachment if named else None
 
 
 def _generate_sibling(
@@ -532,12 +607,25 @@ def _create_generated(
     return _generate(chosen, options, registry, make)
 
 
+_HANDLE_SIZE = re.compile(r"[0-9a-f]{16}")
+
+
 def _rebuild(
-    cls: type[SharedMemory], backend: str, ident: str, name: str, size: int,
+    cls: type[SharedMemory], backend: str, ident: str, name: str, size: Union[str, int],
     made_on: Optional[tuple[str, str]] = None,
 ) -> SharedMemory:
-    """Unpickle a :class:`SharedMemory` handle by attaching to its segment."""
+    """Unpickle a :class:`SharedMemory` handle by attaching to its segment.
+
+    *size* is 16 hexadecimal digits (see :meth:`SharedMemory.__reduce__`),
+    or an int in handles of earlier versions."""
     reduction.check_machine(made_on, name)
+    if isinstance(size, str) and _HANDLE_SIZE.fullmatch(size):
+        size = int(size, 16)
+    elif not isinstance(size, int) or isinstance(size, bool):
+        raise reduction.HandleError(
+            f"invalid shared memory handle of {name!r}: its size is {size!r}, not 16 "
+            "hexadecimal digits"
+        )
     return cls._from_handle(backend, ident, name, size)
 
 

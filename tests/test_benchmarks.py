@@ -91,3 +91,17 @@ def test_peers_benchmark_runs(tmp_path):
     assert figures["targets"] and all(
         t["verdict"] in ("PASS", "FAIL", "n/a") for t in figures["targets"])
     assert "== targets (issue 8)" in result.stdout
+
+
+def test_overhead_benchmark_runs(tmp_path):
+    """Issue 16, case 6: small tasks and the named-segment cycle against the
+    standard library, with the target verdicts (read by people, not asserted)."""
+    figures = _run("overhead.py", tmp_path / "figures.json", "--quick", "--calls", "20")
+    rows = figures["rows"]
+    whats = [row["what"] for row in rows]
+    assert whats[:4] == ["pool.apply(f)", "pool.map(f, range(100))",
+                         "executor.submit(f).result()", "named cycle, posix (default)"]
+    assert all(row["stdlib_us"] > 0 and row["mpshm_us"] > 0 and row["ratio"] > 0
+               for row in rows)
+    assert [row["target"] for row in rows[:4]] == [1.1, 1.1, 1.1, 1.2]
+    assert all(row["pass"] in (True, False) for row in rows[:4])

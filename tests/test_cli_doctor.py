@@ -581,7 +581,7 @@ def test_remove_ipc_without_logind_and_system_range(tmp_path: Path) -> None:
 
 def test_mmap_dir(tmp_path: Path) -> None:
     fresh = doctor.check_mmap_dir(str(tmp_path / "new"))
-    assert fresh.verdict in ("ok", "warn") and "first use" in fresh.summary
+    assert fresh.verdict in ("ok", "info", "warn") and "first use" in fresh.summary
     assert not (tmp_path / "new").exists()
     mine = tmp_path / "mine"
     mine.mkdir(mode=0o700)
@@ -596,6 +596,52 @@ def test_mmap_dir(tmp_path: Path) -> None:
     link = tmp_path / "link"
     link.symlink_to(mine)
     assert doctor.check_mmap_dir(str(link)).verdict == "problem"
+
+
+@pytest.mark.parametrize(("fstype", "backed_by", "verdict"), [
+    ("ext4", "disk", "info"), ("xfs", "disk", "info"), ("overlay", "disk", "info"),
+    ("tmpfs", "ram", "ok"), ("ramfs", "ram", "ok"),
+])
+def test_mmap_dir_says_what_backs_it(tmp_path: Path, fstype: str, backed_by: str,
+                                     verdict: str) -> None:
+    """RAM (a tmpfs) or a disk, from the mount table: on a disk, a hint to use a tmpfs
+    (the default directory is in the temp directory, often on a disk)."""
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    proc = tmp_path / "proc"
+    write(proc / "mounts", f"/dev/vda / ext4 rw 0 0\ntmpfs /dev/shm tmpfs rw,nosuid 0 0\n"
+                           f"/dev/x {os.path.realpath(mine)} {fstype} rw 0 0\n")
+    result = doctor.check_mmap_dir(str(mine), proc=str(proc))
+    assert result.verdict == verdict
+    assert (result.detail["fstype"], result.detail["backed_by"]) == (fstype, backed_by)
+    if backed_by == "ram":
+        assert "RAM" in result.summary and result.remedy is None
+    else:
+        assert "disk" in result.summary and "depends on the disk" in result.summary
+        assert result.remedy is not None
+        assert "MPSHM_DIR" in result.remedy and "dir=" in result.remedy
+        assert f"/dev/shm/mpshm-{os.getuid()}" in result.remedy
+
+
+def test_mmap_dir_hint_without_a_dev_shm_tmpfs(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    write(proc / "mounts", "/dev/vda / xfs rw 0 0\n")
+    result = doctor.check_mmap_dir(str(tmp_path / "new"), proc=str(proc))
+    assert result.verdict == "info" and result.detail["backed_by"] == "disk"
+    assert result.remedy is not None and "tmpfs" in result.remedy
+    assert "/dev/shm/" not in result.remedy
+
+
+def test_mmap_dir_of_this_machine_names_its_backing() -> None:
+    """The default directory (here: the temp directory, unless MPSHM_DIR is set)."""
+    result = doctor.check_mmap_dir()
+    assert result.detail["path"] == default_dir()
+    fstype = result.detail["fstype"]
+    expected = "ram" if fstype in ("tmpfs", "ramfs") else "network" if fstype in (
+        "nfs", "nfs4", "cifs") else "disk"
+    assert result.detail["backed_by"] == expected
+    if expected == "disk" and result.verdict == "info":
+        assert result.remedy and "tmpfs" in result.remedy
 
 
 def test_settings() -> None:

@@ -167,7 +167,7 @@ def test_dumps_moves_large_buffers_and_loads_takes_them(backend):
     data = reduction.dumps(payload, backend=backend)
     assert len(data) < 4096  # the big buffers are not in the bytes
     out = reduction.loads(data)
-    assert np.array_equal(out["big"], big) and not out["big"].flags.writeable
+    assert np.array_equal(out["big"], big) and out["big"].flags.writeable  # a copy: its own
     assert out["small"].flags.writeable  # inline: an ordinary array
     assert isinstance(out["view"], memoryview) and out["view"].readonly
     assert len(out["view"]) == 3 << 20
@@ -176,7 +176,8 @@ def test_dumps_moves_large_buffers_and_loads_takes_them(backend):
     # (in a thread of their own, so that freeing the pages costs the caller nothing).
     names = {segment_of(out["big"]), segment_of(out["strided"])}
     assert None not in names
-    assert all(exists(name) for name in names)
+    if backend != "sysv":  # (System V: copied out of the segment, gone at once)
+        assert all(exists(name) for name in names)
     del out
     wait_until(lambda: not any(exists(name) for name in names), 5)
     wait_until(lambda: not mpshm.tracking.tracked(), 5)  # unregistered after the unlink
@@ -189,7 +190,7 @@ def test_threshold_decides_inline_or_shared(backend):
     assert len(shared) < 1000 and len(inline) > 8000
     assert reduction.loads(inline).flags.writeable
     received = reduction.loads(shared)
-    assert not received.flags.writeable
+    assert received.flags.writeable
     del received  # the name goes in the reaper's thread
     wait_until(lambda: not mpshm.tracking.tracked(), 5)
     with pytest.raises(ValueError):

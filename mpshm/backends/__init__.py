@@ -116,7 +116,7 @@ def get(name: str) -> Backend:
         raise ValueError(
             f"unknown mpshm backend {name!r}; registered backends: {', '.join(sorted(_registry))}"
         ) from None
-    if isinstance(entry, Backend):
+    if not isinstance(entry, str):  # (a Backend: an ABC's isinstance costs more)
         return entry
     backend = _load(name, entry)
     with _lock:

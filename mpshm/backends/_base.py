@@ -31,6 +31,7 @@ __all__ = [
     "Backend",
     "MmapAttachment",
     "SegmentInfo",
+    "Unnamed",
     "is_utf8",
     "list_files",
     "no_space",
@@ -168,9 +169,13 @@ def _libc_mmap() -> Optional[_LibcMmap]:
 _libc = _libc_mmap()
 
 
-def map_shared(fd: int, size: int, kernel_address: bool = False) -> mmap.mmap:
+def map_shared(
+    fd: int, size: int, kernel_address: bool = False, private: bool = False,
+) -> mmap.mmap:
     """A shared, writable :class:`mmap.mmap` of the first *size* bytes of *fd*
-    that keeps no file descriptor open.
+    that keeps no file descriptor open. With *private*, a private
+    (copy-on-write) one instead: writes through it are this mapping's own,
+    while the pages it has not written still show the file's later changes.
 
     With *kernel_address*, the kernel chooses the address for the file
     itself (aligned for huge pages; hugetlbfs needs it): before Python 3.13
@@ -189,18 +194,19 @@ def map_shared(fd: int, size: int, kernel_address: bool = False) -> mmap.mmap:
     and unmaps it as usual. Elsewhere, or if the placeholder cannot be made,
     the plain mapping (which keeps a descriptor).
     """
+    share = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
     if sys.version_info >= (3, 13):
-        return mmap.mmap(fd, size, trackfd=False)
+        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW, trackfd=False)
     libc = _libc
     if libc is None or kernel_address:
-        return mmap.mmap(fd, size)
+        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW)
     try:
         # Never touched, so it costs address space only (and no commit charge).
         mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
     except OSError:
-        return mmap.mmap(fd, size)
+        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW)
     address = libc.address(mm)
-    if libc.call(address, size, _PROT_RW, mmap.MAP_SHARED | _MAP_FIXED, fd, 0) == address:
+    if libc.call(address, size, _PROT_RW, share | _MAP_FIXED, fd, 0) == address:
         return mm
     error = libc.errno()
     # Kernels before 6.12 may have unmapped the placeholder before failing:
@@ -213,7 +219,7 @@ def map_shared(fd: int, size: int, kernel_address: bool = False) -> mmap.mmap:
         _stranded.append(mm)
     if error == errno.EINVAL:
         # A file that needs an aligned address (hugetlbfs): let the kernel choose.
-        return mmap.mmap(fd, size)
+        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW)
     raise OSError(error, os.strerror(error))
 
 
@@ -250,15 +256,17 @@ class Attachment(abc.ABC):
 
 
 class MmapAttachment(Attachment):
-    """An attachment backed by an :class:`mmap.mmap` of a file descriptor."""
+    """An attachment backed by an :class:`mmap.mmap` of a file descriptor
+    (a copy-on-write one with *private*: see :func:`map_shared`)."""
 
     def __init__(
         self, fd: int, size: int, identity: Optional[str] = None,
         st: Optional[os.stat_result] = None, kernel_address: bool = False,
+        private: bool = False,
     ) -> None:
         if st is not None and st.st_blksize > mmap.PAGESIZE:
             kernel_address = True  # hugetlbfs (see map_shared)
-        self._mmap: Optional[mmap.mmap] = map_shared(fd, size, kernel_address)
+        self._mmap: Optional[mmap.mmap] = map_shared(fd, size, kernel_address, private)
         self.size = size
         self.buf = memoryview(self._mmap)
         self.identity = identity
@@ -284,6 +292,24 @@ class MmapAttachment(Attachment):
                 # Views made with memoryview(buf) still export the mmap;
                 # it is unmapped when the last of them is released.
                 pass
+
+
+class Unnamed(abc.ABC):
+    """A new segment without a name yet (see :meth:`Backend.create_unnamed`)."""
+
+    #: The segment, mapped; its identity is known.
+    attachment: Attachment
+
+    @abc.abstractmethod
+    def name(self) -> None:
+        """Give the segment the name it was made for, atomically:
+        FileExistsError if that name is taken, NotImplementedError where the
+        storage turns out unable to (nothing changed, either way)."""
+
+    @abc.abstractmethod
+    def release(self) -> None:
+        """Let go of what keeps the segment alive besides :attr:`attachment`
+        (an unnamed one then lives as long as its mapping); safe to call twice."""
 
 
 class Backend(abc.ABC):
@@ -377,6 +403,14 @@ class Backend(abc.ABC):
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
         """Map an existing segment. Never changes or removes anything."""
 
+    def attach_private(self, ident: str, options: Mapping[str, Any]) -> Optional[Attachment]:
+        """Map an existing segment privately (copy-on-write): writes through
+        ``buf`` are this mapping's own, never the segment's; pages not yet
+        written still show later changes to the segment. None where the
+        storage cannot (the default; System V, hugetlbfs): receivers of
+        private copies then copy the bytes instead."""
+        return None
+
     @abc.abstractmethod
     def unlink(self, ident: str) -> None:
         """Remove the segment's name; mappings stay valid until closed."""
@@ -436,6 +470,25 @@ class Backend(abc.ABC):
         *name* directly). Only called for an *ident* that :meth:`sibling` gave."""
         raise NotImplementedError(f"the {self.name!r} backend cannot link segments")
 
+    def create_unnamed(
+        self, ident: str, size: int, options: Mapping[str, Any]
+    ) -> Optional[Unnamed]:
+        """A new segment of *size* bytes, mapped, that has no name yet and
+        that :meth:`Unnamed.name` can then give the name *ident*; None where
+        the storage cannot (the default: creating under a user's name then
+        goes through :meth:`sibling` and :meth:`link`).
+
+        Until it is named, the segment lives only as long as this process
+        holds it: a kill leaves nothing behind, and the name can be
+        registered with the segment's identity (``attachment.identity``)
+        before it exists."""
+        return None
+
+    def exists(self, ident: str) -> bool:
+        """Whether something holds the name *ident* (a creation of it would
+        fail with FileExistsError); by default, whether it has an identity."""
+        return self.identity(ident) is not None
+
     def claim_identity(self, ident: str, pid: int) -> Optional[str]:
         """A record, made before segment *ident* exists, that :meth:`proves`
         accepts for the segment process *pid* then creates there, where the
@@ -456,6 +509,12 @@ class Backend(abc.ABC):
 
     def available(self) -> Optional[str]:
         """Return None if the backend works here, else the reason it does not."""
+        return None
+
+    def where(self, options: Mapping[str, Any]) -> Optional[str]:
+        """The directory of the filesystem that holds new segments made with
+        *options* (for its free space: ``os.statvfs``), or None where the
+        storage is not a filesystem (the default)."""
         return None
 
     def __repr__(self) -> str:

@@ -19,12 +19,13 @@ import sys
 from typing import Optional
 
 from . import _huge
-from ._base import MmapAttachment, no_space
+from ._base import MmapAttachment, Unnamed, no_space
 
 __all__ = [
     "after_attach",
     "check_free",
     "create_mapped",
+    "create_unnamed",
     "create_written",
     "file_identity",
     "lstat_identity",
@@ -385,3 +386,82 @@ def after_attach(attachment: MmapAttachment, huge: Optional[str], prefault: bool
         _huge.madvise(address, attachment.size, _huge.MADV_HUGEPAGE)
     if prefault:
         _huge.madvise(address, attachment.size, _huge.MADV_POPULATE_READ)
+
+
+# -- Files without a name yet ---------------------------------------------------
+#
+# A file opened with O_TMPFILE (without O_EXCL) has no name: it lives as long
+# as a descriptor or a mapping of it does, so a kill leaves nothing behind.
+# linkat() through /proc/self/fd (AT_SYMLINK_FOLLOW: no capability needed,
+# unlike AT_EMPTY_PATH) then gives it a name atomically, failing with EEXIST
+# if the name is taken.
+# Where either is missing (no /proc, a filesystem without O_TMPFILE), None:
+# the caller creates another way.
+
+#: Whether this system can make unnamed files and name them later.
+_TMPFILE = hasattr(os, "O_TMPFILE") and os.path.isdir("/proc/self/fd")
+#: Directories found unable to hold unnamed files: not tried again.
+_no_tmpfile: set[str] = set()
+#: Errors of a filesystem (or kernel) without O_TMPFILE.
+_NO_TMPFILE = frozenset({errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS})
+#: Errors of a link that cannot be made (no /proc after all, no hard links,
+#: no room for a name), where a creation under the name itself may still work.
+_NO_LINK = frozenset({errno.ENOENT, errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS,
+                      errno.EMLINK, errno.ENOSPC, errno.EDQUOT, errno.EXDEV})
+
+
+class UnnamedFile(Unnamed):
+    """A new file without a name (O_TMPFILE), sized, marked and mapped, to be
+    named *path* (see :meth:`~mpshm.backends.Backend.create_unnamed`).
+    *taken* is the FileExistsError's message and file name if it is."""
+
+    def __init__(self, fd: int, attachment: MmapAttachment, path: str,
+                 taken: tuple[str, str]) -> None:
+        self._fd = fd
+        self.attachment = attachment
+        self._path = path
+        self._taken = taken
+
+    def name(self) -> None:
+        fd = self._fd
+        try:
+            # linkat(..., AT_SYMLINK_FOLLOW). A dir_fd makes CPython call linkat
+            # (else link(), which would link the /proc symlink itself: EXDEV);
+            # the source path is absolute, so the kernel ignores that fd.
+            os.link(f"/proc/self/fd/{fd}", self._path, src_dir_fd=fd, follow_symlinks=True)
+        except FileExistsError:
+            raise FileExistsError(errno.EEXIST, *self._taken) from None
+        except OSError as exc:
+            if exc.errno in _NO_LINK:
+                raise NotImplementedError(f"cannot link an unnamed file to {self._path}: "
+                                          f"{exc.strerror}") from None
+            raise
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+
+def create_unnamed(
+    directory: str, path: str, size: int, storage: str, remedy: str,
+    huge: Optional[str], taken: tuple[str, str],
+) -> Optional[UnnamedFile]:
+    """A new unnamed file in *directory*, reserved and mapped as
+    :func:`create_mapped` does, to be named *path* (in *directory*) by
+    :meth:`UnnamedFile.name`; None where the system or the filesystem
+    cannot make one (see above)."""
+    if not _TMPFILE or directory in _no_tmpfile:
+        return None
+    try:
+        fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in _NO_TMPFILE:
+            _no_tmpfile.add(directory)
+        return None  # (whatever it was, a creation under the name says it better)
+    try:
+        attachment = create_mapped(fd, size, storage, directory, remedy, huge)
+    except BaseException:
+        os.close(fd)
+        raise
+    return UnnamedFile(fd, attachment, path, taken)

@@ -18,6 +18,7 @@ for memory speed, or at a disk when ``/dev/shm`` is too small (containers).
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import tempfile
@@ -29,11 +30,19 @@ from ._base import (
     Backend,
     MmapAttachment,
     SegmentInfo,
+    Unnamed,
     list_files,
     random_token,
     sized_stat,
 )
-from ._files import after_attach, create_mapped, create_written, file_identity, lstat_identity
+from ._files import (
+    after_attach,
+    create_mapped,
+    create_unnamed,
+    create_written,
+    file_identity,
+    lstat_identity,
+)
 
 __all__ = ["MmapBackend", "default_dir"]
 
@@ -222,6 +231,19 @@ class MmapBackend(Backend):
         finally:
             os.close(fd)
 
+    def create_unnamed(
+        self, ident: str, size: int, options: Mapping[str, Any]
+    ) -> Optional[Unnamed]:
+        parent = os.path.dirname(ident)
+        check_dir(parent, create=parent == self._dir(options))
+        huge = _huge.tmpfs_huge(parent) if _huge.wants_huge(options, size) else None
+        return create_unnamed(parent, ident, size, f"{parent} (mmap backend)", self._REMEDY,
+                              huge, ("A file of that name exists", self.qualified(ident)))
+
+    def exists(self, ident: str) -> bool:
+        # Anything there, a symbolic link too, makes the creation (O_EXCL) fail.
+        return os.access(ident, os.F_OK, follow_symlinks=False)
+
     def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
         where = os.path.dirname(ident)
         huge = _huge.tmpfs_huge(where) if _huge.wants_huge(options, size) else None
@@ -241,6 +263,16 @@ class MmapBackend(Backend):
         return identity
 
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
+        attachment = self._attach(ident, options, private=False)
+        assert attachment is not None
+        return attachment
+
+    def attach_private(self, ident: str, options: Mapping[str, Any]) -> Optional[Attachment]:
+        return self._attach(ident, options, private=True)
+
+    def _attach(
+        self, ident: str, options: Mapping[str, Any], private: bool
+    ) -> Optional[Attachment]:
         try:
             fd = os.open(ident, os.O_RDWR | _O_NOFOLLOW | _O_CLOEXEC)
         except FileNotFoundError:
@@ -261,11 +293,13 @@ class MmapBackend(Backend):
                 raise ValueError(f"{self.qualified(ident)!r} is not a regular file")
             if st.st_size == 0:
                 raise ValueError(f"the file {ident!r} is empty (size 0): there is nothing to map")
+            if private and st.st_blksize > mmap.PAGESIZE:
+                return None  # hugetlbfs: copy-on-write would take huge pages of the pool
             huge = None
             if _huge.wants_huge(options, st.st_size):
                 huge = _huge.tmpfs_huge(os.path.dirname(ident))
             attachment = MmapAttachment(fd, st.st_size, file_identity(fd, st), st,
-                                        kernel_address=huge in _huge.ALIGNED)
+                                        kernel_address=huge in _huge.ALIGNED, private=private)
         finally:
             os.close(fd)
         after_attach(attachment, huge, _huge.flag(options, "prefault"))
@@ -328,6 +362,9 @@ class MmapBackend(Backend):
         finally:
             os.close(dir_fd)
         return True
+
+    def where(self, options: Mapping[str, Any]) -> Optional[str]:
+        return self._dir(options)
 
     def list(self) -> list[SegmentInfo]:
         return list_files(default_dir(), self.name, lambda e: self.qualified(e.path))

@@ -13,6 +13,7 @@ process with SIGBUS on its first write to a missing page.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import sys
@@ -26,12 +27,20 @@ from ._base import (
     Backend,
     MmapAttachment,
     SegmentInfo,
+    Unnamed,
     is_utf8,
     list_files,
     random_token,
     sized_stat,
 )
-from ._files import after_attach, create_mapped, create_written, file_identity, lstat_identity
+from ._files import (
+    after_attach,
+    create_mapped,
+    create_unnamed,
+    create_written,
+    file_identity,
+    lstat_identity,
+)
 
 __all__ = ["PosixBackend"]
 
@@ -68,7 +77,8 @@ def _path(ident: str) -> str:
     crashes the interpreter on a NUL byte or a lone surrogate, and other
     callers (a forged handle, a tracker message) skip parsing.
     """
-    if "\0" in ident or "/" in ident or ident in ("", ".", "..") or not is_utf8(ident):
+    if ("\0" in ident or "/" in ident or ident in ("", ".", "..")
+            or not (ident.isascii() or is_utf8(ident))):
         raise ValueError(f"invalid POSIX shared memory name {ident!r}")
     return "/" + ident
 
@@ -86,20 +96,21 @@ class PosixBackend(Backend):
         _huge.check(options)
 
     def parse(self, ident: str, options: Mapping[str, Any]) -> str:
-        self.check_options(options)
+        if options:  # (none: nothing to check)
+            self.check_options(options)
         canonical = ident.lstrip("/")
         problem = None
         if not canonical:
             problem = "it is empty"
         elif "\0" in canonical:
             problem = "it contains a NUL character"
-        elif not is_utf8(canonical):
+        elif not (canonical.isascii() or is_utf8(canonical)):
             problem = "it contains a lone surrogate, which is not UTF-8 text"
         elif "/" in canonical:
             problem = "it contains '/' after the first character"
         elif canonical in (".", ".."):
             problem = "'.' and '..' are not object names"
-        elif len(os.fsencode(canonical)) > NAME_MAX:
+        elif len(canonical) > NAME_MAX // 4 and len(os.fsencode(canonical)) > NAME_MAX:
             problem = f"it is longer than {NAME_MAX} bytes"
         if problem:
             raise ValueError(
@@ -208,6 +219,22 @@ class PosixBackend(Backend):
         attachment: Attachment = self._new(ident, fill)
         return attachment
 
+    def create_unnamed(
+        self, ident: str, size: int, options: Mapping[str, Any]
+    ) -> Optional[Unnamed]:
+        if not _DIRECT:
+            return None
+        path = SHM_DIR + _path(ident)
+        huge = _huge.tmpfs_huge(SHM_DIR) if _huge.wants_huge(options, size) else None
+        return create_unnamed(SHM_DIR, path, size, self.storage, self._REMEDY, huge,
+                              ("A POSIX shared memory segment of that name exists", ident))
+
+    def exists(self, ident: str) -> bool:
+        if not _DIRECT:
+            return super().exists(ident)
+        # Anything there, a symbolic link too, makes shm_open(O_EXCL) fail.
+        return os.access(SHM_DIR + _path(ident), os.F_OK, follow_symlinks=False)
+
     def create_from(self, ident: str, data: memoryview, options: Mapping[str, Any]) -> str:
         def fill(fd: int) -> str:
             return create_written(fd, data, self.storage, SHM_DIR, self._REMEDY)
@@ -216,6 +243,16 @@ class PosixBackend(Backend):
         return identity
 
     def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
+        attachment = self._attach(ident, options, private=False)
+        assert attachment is not None
+        return attachment
+
+    def attach_private(self, ident: str, options: Mapping[str, Any]) -> Optional[Attachment]:
+        return self._attach(ident, options, private=True)
+
+    def _attach(
+        self, ident: str, options: Mapping[str, Any], private: bool
+    ) -> Optional[Attachment]:
         shm = self._open(ident)
         try:
             st = sized_stat(shm.fd)
@@ -225,9 +262,11 @@ class PosixBackend(Backend):
                     "nothing to map (was it created by something other than mpshm "
                     "or the standard library, and not sized yet?)"
                 )
+            if private and st.st_blksize > mmap.PAGESIZE:
+                return None  # hugetlbfs: copy-on-write would take huge pages of the pool
             huge = _huge.tmpfs_huge(SHM_DIR) if _huge.wants_huge(options, st.st_size) else None
             attachment = MmapAttachment(shm.fd, st.st_size, file_identity(shm.fd, st), st,
-                                        kernel_address=huge in _huge.ALIGNED)
+                                        kernel_address=huge in _huge.ALIGNED, private=private)
         finally:
             shm.close_fd()
         after_attach(attachment, huge, _huge.flag(options, "prefault"))
@@ -292,6 +331,9 @@ class PosixBackend(Backend):
         return list_files(
             SHM_DIR, self.name, lambda e: None if e.name.startswith("sem.") else e.name
         )
+
+    def where(self, options: Mapping[str, Any]) -> Optional[str]:
+        return SHM_DIR if _DIRECT else None
 
     def available(self) -> Optional[str]:
         if sys.platform.startswith("linux") and not os.path.isdir(SHM_DIR):

@@ -3,7 +3,9 @@ standard library's SharedMemory, side by side (what is measured and how:
 :mod:`mpshm._poolbench`).
 
 This module holds the command line: the options, the progress display on
-stderr, the table and target verdicts on stdout, the JSON file and the chart.
+stderr, the table on stdout, the JSON file and the chart. (The project's
+development targets for these figures are checked by ``benchmarks/pool.py``,
+not by the installed command.)
 It imports neither NumPy nor matplotlib until ``bench`` runs, so that
 ``mpshm --help`` and the other subcommands work without them.
 """
@@ -18,7 +20,7 @@ import shutil
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Optional, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TextIO
 
 from .. import backends as registry
 
@@ -39,8 +41,9 @@ __all__ = [
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_SIZES = ("1M", "16M", "256M", "1G")
 DEFAULT_REPEAT = 3
-# --quick: small sizes and fewer rounds, so that the whole run (pool start-up
-# included) stays under a minute on a busy 2-core machine.
+# --quick: small sizes and fewer rounds (never fewer than 3 per figure: see
+# mpshm._poolbench.MIN_ROUNDS), so that the whole run (pool start-up included)
+# stays under a minute on a busy 2-core machine.
 QUICK_SIZES = ("1M", "16M", "64M")
 QUICK_REPEAT = 1
 DEFAULT_BACKENDS = ("posix", "sysv", "mmap")
@@ -60,12 +63,6 @@ METHOD_STYLES = {
     "mpshm-sysv": ("tab:green", "v"),
     "mpshm-mmap": ("tab:purple", "D"),
     "preshared": ("tab:cyan", "P"),
-}
-TARGET_NAMES = {
-    "a_preshared_flat": "(a) preshared send, largest size within 2x of smallest",
-    "a_preshared_overhead": "(a) preshared send over an empty task < 1 ms",
-    "b_mpshm_vs_pickle_256M": "(b) best mpshm backend >= 10x pickle at 256 MiB",
-    "c_results_vs_args": "(c) mpshm results <= 1.5x args, every backend and size",
 }
 
 
@@ -125,10 +122,10 @@ def add_parser(subparsers: Any) -> None:
         description="Send float64 arrays to a 2-worker pool (spawn) and back, one task at a "
         "time, with plain pickling, the standard library's SharedMemory, mpshm.Pool on each "
         "backend and arrays made in shared memory from the start (preshared); print the "
-        "median time per task side by side with this machine's memcpy, and check the "
-        "targets. Needs NumPy (pip install 'mpshm[bench]'). Progress goes to stderr, the "
-        "table to stdout once done. Exit status 0 when it ran (the target verdicts are "
-        "informational), 1 when it could not, 2 for bad arguments.",
+        "median time per task (of at least 3 rounds) side by side with this machine's "
+        "memcpy. Needs NumPy (pip install 'mpshm[bench]'). Progress goes to stderr, the "
+        "table to stdout once done. Exit status 0 when it ran, 1 when it could not, 2 for "
+        "bad arguments.",
     )
     parser.add_argument(
         "--quick", action="store_true",
@@ -143,8 +140,8 @@ def add_parser(subparsers: Any) -> None:
         "work here); preshared uses the first one given (default posix)")
     parser.add_argument(
         "--repeat", type=_repeat, metavar="N",
-        help=f"rounds per figure at the largest sizes; smaller sizes get more (default "
-        f"{DEFAULT_REPEAT}, {QUICK_REPEAT} with --quick)")
+        help=f"rounds per figure at the largest sizes, at least 3 whatever N; smaller sizes "
+        f"get more (default {DEFAULT_REPEAT}, {QUICK_REPEAT} with --quick)")
     parser.add_argument("--json", type=_output_file, metavar="FILE",
                         help="also write the figures as JSON")
     parser.add_argument(
@@ -295,8 +292,16 @@ class Progress:
 # -- the report ------------------------------------------------------------------
 
 
+def _times(value: float) -> str:
+    """A ratio with about three significant digits: 0.00812, 0.91, 12.4, 130."""
+    for floor, digits in ((100, 0), (10, 1), (0.1, 2), (0.01, 3)):
+        if value >= floor:
+            return f"{value:.{digits}f}"
+    return f"{value:.2g}"
+
+
 def print_report(figures: dict[str, Any], out: TextIO) -> None:
-    """The header, the side-by-side table and the target verdicts, to *out*."""
+    """The header and the side-by-side table, to *out*."""
     sizes = ", ".join(label(s) for s in figures["sizes"])
     print(f"python {figures['python']}, numpy {figures['numpy']}, {figures['cores']} cores; "
           f"{figures['workers']} workers ({figures['start_method']}); sizes {sizes}; "
@@ -313,7 +318,7 @@ def print_report(figures: dict[str, Any], out: TextIO) -> None:
                                                     methods.index(r["method"])))
     width = max(12, *(len(m) for m in methods))
     print(f"{'direction':<9} {'size':>8}  {'method':<{width}} {'ms/task':>10} {'GB/s':>8} "
-          f"{'x vs pickle':>11} {'% memcpy':>9}", file=out)
+          f"{'x vs pickle':>11} {'memcpys':>9}", file=out)
     previous = None
     for r in ranked:
         if previous is not None and (r["direction"], r["size"]) != previous:
@@ -321,19 +326,17 @@ def print_report(figures: dict[str, Any], out: TextIO) -> None:
         previous = (r["direction"], r["size"])
         print(f"{r['direction']:<9} {r['size_label']:>8}  {r['method']:<{width}} "
               f"{r['ms']:10.3f} {r['gbps']:8.2f} {r['x_vs_pickle']:10.2f}x "
-              f"{r['pct_memcpy']:8.1f}%", file=out)
-    print("(median time per task; GB/s = array bytes / time; x vs pickle = pickle time / time;",
+              f"{_times(r['memcpys']):>9}", file=out)
+    print("(median time per task over at least 3 rounds; GB/s = array bytes / time;",
           file=out)
-    print(" % memcpy = GB/s / single-thread memcpy GB/s. send: the worker does not read the "
+    print(" x vs pickle = pickle time / time, higher is faster; memcpys = time / the time one",
+          file=out)
+    print(" memcpy of the array takes here: 1 = the cost of copying it once, below 1 = less",
+          file=out)
+    print(" than one copy (only a handle travelled). send: the worker does not read the "
           "array;", file=out)
     print(" args: the worker sums it; results: the worker returns one, the parent sums it)",
           file=out)
-    print(file=out)
-    print(f"targets ({figures['measuring_seconds']:.0f} s of measuring; informational: "
-          "these machines are noisy, rerun before believing a FAIL):", file=out)
-    for key, verdict in figures["targets"].items():
-        word = {True: "PASS", False: "FAIL", None: "SKIP"}[verdict["pass"]]
-        print(f"  {word}  {TARGET_NAMES.get(key, key)}\n        {verdict['detail']}", file=out)
 
 
 # -- the chart -------------------------------------------------------------------
@@ -409,8 +412,13 @@ def plot(figures: dict[str, Any], path: str) -> None:
 # -- the subcommand --------------------------------------------------------------
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run ``mpshm bench`` with the parsed *args*; return the exit status."""
+def run(args: argparse.Namespace,
+        after: Optional[Callable[[dict[str, Any], TextIO], None]] = None) -> int:
+    """Run ``mpshm bench`` with the parsed *args*; return the exit status.
+
+    *after*, if given, is called with the figures and stdout once the table is
+    printed, before the JSON file is written (``benchmarks/pool.py`` adds and
+    prints its development targets there)."""
     try:
         import numpy  # noqa: F401
     except ImportError:
@@ -439,6 +447,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         progress.close()
     print_report(figures, sys.stdout)
+    if after is not None:
+        after(figures, sys.stdout)
     if args.json or args.plot:
         print()
     status = 0

@@ -96,6 +96,8 @@ _REMEDY_REMOVE_IPC = "set RemoveIPC=no in /etc/systemd/logind.conf (or run as a 
 _NETWORK_FS = frozenset(
     {"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "fuse.sshfs", "ceph", "glusterfs", "lustre"}
 )
+#: Filesystems whose files live in RAM (and swap): mmap segments there run at memory speed.
+_RAM_FS = frozenset({"tmpfs", "ramfs", "hugetlbfs"})
 
 
 # --------------------------------------------------------------------------
@@ -118,7 +120,8 @@ class CheckResult:
     summary: str
     #: The raw figures (sizes in bytes, under keys ending in ``_bytes``).
     detail: dict[str, Any] = field(default_factory=dict)
-    #: One line saying what to do, for a ``warn`` or ``problem`` verdict.
+    #: One line saying what to do, for a ``warn`` or ``problem`` verdict (or a
+    #: hint, for an ``info`` one).
     remedy: Optional[str] = None
 
     def to_json(self) -> dict[str, Any]:
@@ -1016,9 +1019,19 @@ def check_remove_ipc(
 # The mmap backend's directory, and the settings
 
 
+def _tmpfs_hint(mounts: Sequence[_Mount]) -> str:
+    """Where to put the mmap backend's segments for memory speed, on this machine."""
+    shm = _mount_of("/dev/shm", mounts)
+    where = (f"such as /dev/shm/mpshm-{os.getuid()}" if shm is not None and shm.point == "/dev/shm"
+             and shm.fstype == "tmpfs" else "(mount -t tmpfs)")
+    return (f"for memory speed every time, set MPSHM_DIR (or pass dir=) to a directory on a "
+            f"tmpfs, {where}; it counts against that tmpfs's size")
+
+
 def check_mmap_dir(path: Optional[str] = None, proc: str = "/proc") -> CheckResult:
     """The directory the mmap backend puts segments in (default:
-    :func:`mpshm.backends.mmapfile.default_dir`): usable, its filesystem, its free space."""
+    :func:`mpshm.backends.mmapfile.default_dir`): usable, its filesystem (what
+    backs it: RAM for a tmpfs, a disk otherwise, with a hint), its free space."""
     from ..backends.mmapfile import check_dir, default_dir
 
     name, area, title = "mmap.dir", "mmap backend", "directory"
@@ -1046,19 +1059,23 @@ def check_mmap_dir(path: Optional[str] = None, proc: str = "/proc") -> CheckResu
             return CheckResult(name, area, title, "problem", f"unusable: {exc}", detail,
                                _REMEDY_MMAP_DIR)
         where = path
-    mount = _mount_of(os.path.realpath(where), _mounts(proc))
+    mounts = _mounts(proc)
+    mount = _mount_of(os.path.realpath(where), mounts)
     figures = _statvfs(where)
     fstype = mount.fstype if mount else None
-    detail.update(fstype=fstype, mount_point=mount.point if mount else None)
+    backed_by = ("ram" if fstype in _RAM_FS else "network" if fstype in _NETWORK_FS
+                 else "disk" if fstype else "unknown")
+    detail.update(fstype=fstype, mount_point=mount.point if mount else None, backed_by=backed_by)
     state = "" if detail["exists"] else " (created with mode 0700 on first use)"
     if figures is None:
         return CheckResult(name, area, title, "info", f"{path}{state}: cannot statvfs", detail)
     total, free, _used = figures
     detail.update(total_bytes=total, free_bytes=free)
-    kind = ("memory speed" if fstype in ("tmpfs", "ramfs", "hugetlbfs")
-            else "page cache, written back to disk")
+    kind = {"ram": "RAM: memory speed", "network": "a network filesystem",
+            "disk": "a disk: page cache, written back to the disk",
+            "unknown": "unknown filesystem"}[backed_by]
     summary = f"{path}{state}: {fstype or '?'} ({kind}), {human_size(free)} free"
-    if fstype in _NETWORK_FS:
+    if backed_by == "network":
         return CheckResult(
             name, area, title, "warn",
             f"{summary}: a network filesystem shares mappings only within one machine, slowly",
@@ -1066,6 +1083,15 @@ def check_mmap_dir(path: Optional[str] = None, proc: str = "/proc") -> CheckResu
     if free < SMALL_SHM:
         return CheckResult(name, area, title, "warn", summary + ": little free space", detail,
                            "free space there, or set MPSHM_DIR (or dir=) to a larger filesystem")
+    if backed_by != "ram":
+        # Not wrong, but irregular: segments are files whose dirty pages the kernel
+        # writes back to the disk. As fast as a tmpfs while they stay in the page
+        # cache; several times slower when writeback or a busy disk gets in the way.
+        return CheckResult(
+            name, area, title, "info",
+            f"{summary}: mmap's speed here depends on the disk (the kernel writes the "
+            "segments back to it), from as fast as a tmpfs to several times slower",
+            detail, _tmpfs_hint(mounts))
     return CheckResult(name, area, title, "ok", summary, detail)
 
 
@@ -1370,7 +1396,8 @@ warning or a problem, the remedy in one line:
                     limit (ulimit -n), the address-space limit (ulimit -v)
   Memory cgroup     a memory limit below /dev/shm's size (OOM kill instead of ENOSPC)
   systemd-logind    RemoveIPC=, which deletes a non-system user's segments at logout
-  mmap backend      its directory (MPSHM_DIR or the default): safe, filesystem, free
+  mmap backend      its directory (MPSHM_DIR or the default): safe, filesystem and
+                    what backs it (RAM for a tmpfs, else a disk: slower), free
   Settings          the default backend (MPSHM_BACKEND)
   Backends          each one tried: create a 1 MiB segment, write a pattern, attach it
                     from a child process that checks it and replies, read, unlink
