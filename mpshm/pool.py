@@ -373,6 +373,7 @@ class _LoanCarrier(_PoolCarrier):
         self.batch = batch
         self.used: list[_Loan] = []
         self.charged = 0  # bytes of the copy budget this message took
+        self.reused = 0  # bytes of the budget held by copies it shares with its batch
 
     def registry(self) -> Any:
         return self.sharing.scope
@@ -380,19 +381,24 @@ class _LoanCarrier(_PoolCarrier):
     def carry(self, raw: memoryview, address: int) -> tuple[reduction.Segment, int]:
         sharing = self.sharing
         key = None
-        if self.batch is not None:
+        # A buffer is copied once per batch only in batches whose input was
+        # all there before the first task went (a Pool's map, an executor's
+        # map: the pool reports their ends): a generator of imap may refill
+        # the same buffer between items, each of which must carry its value.
+        if self.batch is not None and self.batch in sharing.open_batches:
             key = (self.batch, address, raw.nbytes)
             with sharing.lock:
                 loan = sharing.memo.get(key)
                 if loan is not None and loan.users > 0 and loan.segment is not None:
                     loan.users += 1
                     self.used.append(loan)
+                    self.reused += loan.charged  # (this message's own: see _Budget)
                     if loan.warm is not None and sharing.warm is not None:
                         sharing.warm.delivered(loan.warm)
                     return loan.segment, 0
         budget = sharing.budget
         if budget is not None:
-            budget.acquire(raw.nbytes, sharing.evict_idle, self.charged)
+            budget.acquire(raw.nbytes, sharing.evict_idle, self.charged + self.reused)
         tries = 0
         while True:
             try:
@@ -402,7 +408,7 @@ class _LoanCarrier(_PoolCarrier):
             except BaseException as exc:
                 if (budget is not None and isinstance(exc, OSError)
                         and exc.errno == errno.ENOSPC
-                        and budget.after_full(self.charged + raw.nbytes, tries,
+                        and budget.after_full(self.charged + self.reused + raw.nbytes, tries,
                                               sharing.evict_idle)):
                     tries += 1
                     continue
@@ -842,6 +848,25 @@ class _Sharing:
             self._release(idle)
         return bool(idle)
 
+    def forget_jobs(self, jobs: list[int]) -> None:
+        """A pool of this (shared) context was terminated with *jobs* (a
+        Pool's job numbers) unfinished: their results will never come, so
+        their copies (and the copy budget they hold) are let go now."""
+        if not jobs:
+            return
+        wanted = set(jobs)
+        with self.lock:
+            keys = [key for key in (*self.inflight, *self.offered)
+                    if key[0] == "p" and key[1] in wanted]
+            loans = [loan for key in keys for loan in self.inflight.pop(key, ())]
+            offered = [warm for key in keys for warm in self.offered.pop(key, ())]
+        if loans:
+            self._release(loans)
+        if offered and self.warm is not None:
+            self.warm.returned(offered)
+        for job in wanted:
+            self.end_batch(job)
+
     def begin_batch(self, batch: Any) -> None:
         """Keep the copies made for *batch* until :meth:`end_batch`."""
         with self.lock:
@@ -1157,6 +1182,17 @@ class _PoolsInitargs:
             self.carriers.discard(carrier)
         reduction.reaper.later(carrier.close)  # (called by the garbage collector)
 
+    def end(self, queue: Any) -> None:
+        """The pool whose task queue is *queue* has ended: its copies go now."""
+        if queue is None:
+            return
+        with self.lock:
+            wrapped = self.pools.pop(queue, None)
+            if wrapped is None or wrapped.carrier not in self.carriers:
+                return
+            self.carriers.discard(wrapped.carrier)
+        wrapped.carrier.close()
+
     def close(self) -> None:
         """The context has ended."""
         with self.lock:
@@ -1385,7 +1421,9 @@ class _JobCache(multiprocessing.pool._PoolCache):  # type: ignore[name-defined,m
     sharing: _Sharing
 
     def __setitem__(self, job: int, result: Any) -> None:
-        if type(result) is not multiprocessing.pool.ApplyResult:  # jobs of many tasks
+        # Jobs of many tasks whose input is all there before the first goes
+        # (not imap's: its generator may refill a buffer between items).
+        if isinstance(result, multiprocessing.pool.MapResult):
             self.sharing.begin_batch(job)
         super().__setitem__(job, result)
 
@@ -1434,18 +1472,24 @@ class Pool(multiprocessing.pool.Pool):
 
     def terminate(self) -> None:
         """Stop the workers at once; destroy every segment still in flight."""
+        jobs = list(getattr(self, "_cache", ()))
         super().terminate()
-        self._end_sharing()
+        self._end_sharing(jobs)
 
     def join(self) -> None:
         """Wait for the workers to exit; then destroy what is left."""
         super().join()
-        self._end_sharing()
+        self._end_sharing([])
 
-    def _end_sharing(self) -> None:
+    def _end_sharing(self, jobs: list[int]) -> None:
         end = getattr(self, "_mpshm_end", None)
         if end is not None:
-            end()
+            end()  # the context is this pool's: all of it ends
+            return
+        ctx = getattr(self, "_mpshm_context", None)
+        if ctx is not None:  # a shared context lives on: this pool's part of it ends
+            ctx._initargs.end(getattr(self, "_inqueue", None))
+            ctx._sharing.forget_jobs(jobs)
 
 
 class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
@@ -1510,6 +1554,10 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Like the standard library's; with *wait*, every segment still in
         flight is destroyed once the workers are gone."""
+        queue = getattr(self, "_call_queue", None)  # (None once shut down)
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
         if wait and self._mpshm_owned:
             self._mpshm_context.close()
+        elif wait and queue is not None:
+            # A shared context lives on: this executor's initargs copies end.
+            self._mpshm_context._initargs.end(queue)

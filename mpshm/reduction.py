@@ -378,6 +378,8 @@ class _Reaper:
         self._thread: Optional[threading.Thread] = None
         self._lock = threading.RLock()
         self._watched: set[tuple[str, str]] = set()
+        self._idle = threading.Condition(threading.Lock())
+        self._busy = 0  # jobs the thread is doing now
 
     def watch(self, owner: Any, backend: str, ident: str) -> None:
         """Destroy *ident*'s name once *owner* (this process's mapping) is gone."""
@@ -407,14 +409,22 @@ class _Reaper:
                 return
             self._thread = thread
 
+    def pending(self) -> bool:
+        """Whether something is queued or being done."""
+        return self._busy > 0 or not self._queue.empty()
+
     def drain(self) -> None:
-        """Run what is queued now, in this thread."""
+        """Run what is queued now, in this thread, and wait (a few seconds
+        at most) for what the reaper's thread is doing."""
         while True:
             try:
                 job, args = self._queue.get_nowait()
             except queue.Empty:
-                return
+                break
             self._run_one(job, args)
+        if threading.current_thread() is not self._thread:
+            with self._idle:
+                self._idle.wait_for(lambda: self._busy == 0, 5.0)
 
     @staticmethod
     def _run_one(job: Callable[..., None], args: tuple[Any, ...]) -> None:
@@ -425,7 +435,16 @@ class _Reaper:
 
     def _run(self) -> None:
         while True:
-            self._run_one(*self._queue.get())
+            job = self._queue.get()
+            with self._idle:
+                self._busy += 1
+            try:
+                self._run_one(*job)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+            del job
 
 
 #: The process's reaper (see :class:`_Reaper`).

@@ -452,7 +452,11 @@ def _reclaimed(exc: BaseException) -> bool:
         return False
     from . import _cache
 
-    return _cache.reclaim()
+    # Segments a pool let go of may still be queued for destruction (see
+    # reduction.reaper): their space comes back once that is done.
+    pending = reduction.reaper.pending()
+    reduction.reaper.drain()
+    return _cache.reclaim() or pending
 
 
 def _create_named(
