@@ -80,29 +80,37 @@ CACHE_FRACTION = 0.25
 SPACE_INTERVAL = 0.5
 
 
-class Room:
-    """Bytes the filesystem at *where* would have free if its user gave back
-    what it holds (``held()``): ``statvfs`` at most every
-    :data:`SPACE_INTERVAL` seconds; None where that is unknown."""
+#: Free bytes of a storage now, or None where that cannot be told (see
+#: :meth:`mpshm.backends.Backend.free_space`).
+FreeSpace = Callable[[], Optional[int]]
 
-    def __init__(self, where: Optional[str], held: Callable[[], int]) -> None:
-        self.where = where
+
+def _unknown() -> Optional[int]:
+    return None
+
+
+class Room:
+    """Bytes the storage would have free (``free()``) if its user gave back
+    what it holds (``held()``), read at most every :data:`SPACE_INTERVAL`
+    seconds; None where that is unknown."""
+
+    def __init__(self, free: Optional[FreeSpace], held: Callable[[], int]) -> None:
+        self.free: FreeSpace = _unknown if free is None else free
         self._held = held
         self._at = float("-inf")
         self._room: Optional[int] = None
 
     def __call__(self) -> Optional[int]:
-        if self.where is None:
+        if self.free is _unknown:
             return None
         now = time.monotonic()
         if now - self._at >= SPACE_INTERVAL:
             self._at = now
             try:
-                st = os.statvfs(self.where)
-            except OSError:
-                self._room = None
-            else:
-                self._room = st.f_bavail * st.f_frsize + self._held() if st.f_blocks else None
+                free = self.free()
+            except Exception:
+                free = None
+            self._room = None if free is None else free + self._held()
         return self._room
 
 
@@ -111,31 +119,36 @@ class Room:
 RECLAIM_WAIT = 2.0
 
 
-def _free(where: Optional[str]) -> Optional[int]:
-    """Free bytes of the filesystem at *where* now, or None."""
-    if where is None:
-        return None
-    try:
-        st = os.statvfs(where)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize
-
-
 # Caches that give back what they hold when a creation finds the storage full.
 _reclaimable: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+_destroyed_at = float("-inf")
+
+
+def destroyed() -> None:
+    """This process has just destroyed segments it made for messages (see
+    :func:`reclaim`)."""
+    global _destroyed_at
+    _destroyed_at = time.monotonic()
 
 
 def reclaim() -> bool:
     """The storage is full: every cache of this process gives back what it
     holds (called by a creation that failed with ENOSPC, before it tries
-    once more). True if any cache had something to give back."""
+    once more). True if any cache had something to give back, or if this
+    process destroyed segments in the last :data:`RECLAIM_WAIT` seconds:
+    then it waits until pool workers have swept their caches (a worker's
+    kept mapping of a destroyed segment holds its memory until then)."""
     freed = False
     for cache in list(_reclaimable):
         try:
             freed = bool(cache.reclaim()) or freed
         except Exception:
             pass
+    if not freed and time.monotonic() - _destroyed_at < RECLAIM_WAIT:
+        time.sleep(SWEEP_INTERVAL * 1.5)
+        freed = True
     return freed
 
 
@@ -594,13 +607,13 @@ class WarmSegments:
     gone), ``leased`` (holding a result the parent still looks at) and
     ``free`` (reusable). ``free`` and ``done`` segments count against
     *limit*, and against :data:`CACHE_FRACTION` of the room of the storage
-    at *where* (see :class:`Room`); the rest are in use.
+    (its ``free()`` space; see :class:`Room`); the rest are in use.
     """
 
     def __init__(
         self, destroy: Callable[[list[Segment]], None],
         limit: Optional[int] = None, idle: Optional[float] = None,
-        where: Optional[str] = None,
+        free: Optional[FreeSpace] = None,
     ) -> None:
         self._destroy_segments = destroy
         self._unseen: list[tuple[Segment, Any]] = []  # (see _remove)
@@ -611,7 +624,7 @@ class WarmSegments:
         self._cached = 0  # bytes of free and done entries
         self._result_sizes: collections.deque[int] = collections.deque(maxlen=4)
         self._closed = False
-        self._room = Room(where, lambda: self._cached)
+        self._room = Room(free, lambda: self._cached)
         _sweeper.add(self)
         _reclaimable.add(self)
 
@@ -843,8 +856,8 @@ class WarmSegments:
             held = self._cached
         if not held:
             return False
-        where = self._room.where
-        before = _free(where)
+        free = self._room.free
+        before = free()
         self.trim()
         from .reduction import reaper
 
@@ -852,7 +865,7 @@ class WarmSegments:
         if before is not None:
             deadline = time.monotonic() + RECLAIM_WAIT
             while time.monotonic() < deadline:
-                now = _free(where)
+                now = free()
                 if now is None or now >= before + held:
                     break
                 time.sleep(0.01)

@@ -248,14 +248,14 @@ FULL_TRIES = 4
 class _Budget:
     """The bytes of task arguments a pool's parent may hold copied into
     segments at once (``copy_budget`` of :func:`get_context`): *limit*, or
-    by default :data:`BUDGET_FRACTION` of the room of the storage at *where*
-    (see :class:`mpshm._cache.Room`; a quarter of physical memory, at most
-    4 GiB, where that is unknown). A copy that would overrun it waits until
+    by default :data:`BUDGET_FRACTION` of the room of the storage (its
+    ``free()`` space; see :class:`mpshm._cache.Room`), or a quarter of
+    physical memory, at most 4 GiB, where that is unknown. A copy that would overrun it waits until
     tasks in flight are done; one larger than the whole budget goes when
     nothing else is in flight (then it succeeds or fails alone), and so does
     a message (a chunk of tasks) whose copies together are."""
 
-    def __init__(self, limit: Optional[int], where: Optional[str]) -> None:
+    def __init__(self, limit: Optional[int], free: Optional[_cache.FreeSpace]) -> None:
         self.limit = limit
         self.used = 0
         self.last = 0  # the latest copy's size (what the next is expected to need)
@@ -265,7 +265,7 @@ class _Budget:
         # of room only when results arrive (see spent()).
         self.prompt = False
         self._cond = threading.Condition(threading.Lock())
-        self._room = _cache.Room(where, lambda: self.used)
+        self._room = _cache.Room(free, lambda: self.used)
 
     def allowance(self) -> int:
         """Bytes the copies in flight may take now."""
@@ -576,10 +576,10 @@ class _Sharing:
         self.pid = os.getpid()  # the owner: the pool's parent
         self._setup()
         _sharings[self.token] = self
-        where = self.backend.where(options)
-        self.budget = _Budget(self.copy_budget, where)
+        free = functools.partial(self.backend.free_space, options)
+        self.budget = _Budget(self.copy_budget, free)
         if self.cache_bytes != 0:
-            self.warm = _cache.WarmSegments(self._destroy, self.cache_bytes, where=where)
+            self.warm = _cache.WarmSegments(self._destroy, self.cache_bytes, free=free)
 
     def _destroy(self, segments: list[reduction.Segment]) -> None:
         reduction.reaper.later(reduction.discard, segments, self.scope)
@@ -829,7 +829,13 @@ class _Sharing:
             loan.source = None
             if loan.warm is not None and self.warm is not None:
                 self.warm.done(loan.warm)
-        if segments:  # off this thread: see reduction.reaper
+        if segments and budget is not None and budget.prompt:
+            # An executor's manager thread: it gave the budget back at once
+            # (it learns of room only as results come), so the memory must
+            # be back at once too, or the storage's use would run ahead of
+            # the budget by whatever the reaper's thread has not done yet.
+            reduction.discard(segments, self.scope)
+        elif segments:  # off this thread: see reduction.reaper
             reduction.reaper.later(reduction.discard, segments, self.scope)
             if later and budget is not None:  # (its memory is back now)
                 reduction.reaper.later(budget.release, later)
@@ -1374,8 +1380,9 @@ def get_context(
     and not yet done with (their tasks in flight), so that ``map`` over any
     number of inputs needs no more: the pool sends the next task once
     earlier ones are done. None (the default) is half the storage's room
-    (its free space plus these copies; a quarter of physical memory, at
-    most 4 GiB, where the free space cannot be told, as on ``sysv``). An
+    (its free space plus these copies; on ``sysv``, what kernel.shmall
+    still allows; a quarter of physical memory, at most 4 GiB, where that
+    is no limit). An
     input larger than the budget is sent when nothing else is in flight; one
     the storage cannot hold fails its own task with ``OSError(ENOSPC)``
     naming the storage, the size asked and the space free.

@@ -876,6 +876,8 @@ def discard(made: list[Segment], registry: Any) -> None:
             pass
         finally:
             registry.unregister(segment.backend.name, segment.ident)
+    if made:
+        _cache.destroyed()
 
 
 def _take(descriptor: _Descriptor) -> memoryview:

@@ -5,11 +5,15 @@ kill at any moment leaves nothing, and a name that is taken is never touched."""
 
 from __future__ import annotations
 
+import ast
 import os
+import shutil
+import subprocess
 import sys
+import textwrap
 
 import pytest
-from helpers import run_script, unique, wait_until
+from helpers import ROOT, run_script, unique, wait_until
 
 import mpshm
 from mpshm import backends, tracking
@@ -23,6 +27,42 @@ pytestmark = pytest.mark.skipif(
 
 def _shm_files() -> set[str]:
     return set(os.listdir("/dev/shm"))
+
+
+PRIVATE_SHM = (
+    "mount -t tmpfs -o size=64m,mode=1777 tmpfs /dev/shm && "
+    "mkdir -m 0700 /dev/shm/state && "
+    'exec "$0" -c "$1"'
+)
+
+LEFT = """
+import os, sys, time
+def left():
+    return sorted(n for n in os.listdir("/dev/shm") if n != "state" and not n.startswith("sem."))
+deadline = time.monotonic() + 10
+while left() and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("LEFT", left())
+"""
+
+
+def _left_in_private_shm(code: str) -> list[str]:
+    """Run *code* in a program of its own with a private, empty /dev/shm
+    (``unshare -m``: other tests' segments cannot be mistaken for its own);
+    the names it leaves there (after its tracker had 10 s to act)."""
+    if not shutil.which("unshare"):
+        pytest.fail("util-linux unshare is needed for this test")
+    env = dict(os.environ, PYTHONPATH=ROOT, MPSHM_STATE_DIR="/dev/shm/state")
+    env.pop("MPSHM_TRACKER", None)
+    program = textwrap.dedent(code) + textwrap.dedent(LEFT)
+    user = [] if os.geteuid() == 0 else ["--map-root-user"]
+    result = subprocess.run(
+        ["unshare", "--mount", "--ipc", *user, "sh", "-c", PRIVATE_SHM, sys.executable, program],
+        capture_output=True, text=True, timeout=60, env=env,
+    )
+    assert result.returncode == 0 and "LEFT" in result.stdout, result.stdout + result.stderr
+    line = [ln for ln in result.stdout.splitlines() if ln.startswith("LEFT")][-1]
+    return list(ast.literal_eval(line[len("LEFT "):]))
 
 
 @pytest.fixture
@@ -55,15 +95,26 @@ def test_named_creation_is_registered_with_its_identity(backend, mmap_dir):
 
 def test_without_unnamed_files_the_sibling_way_still_works(monkeypatch):
     monkeypatch.setattr(_files, "_TMPFILE", False)
-    before = _shm_files()
     name = unique("named")
     shm = mpshm.SharedMemory(name, create=True, size=16)
     try:
         assert ("posix", name) in tracking.tracked()
-        assert _shm_files() - before == {name}  # the sibling is gone
+        assert name in _shm_files()
     finally:
         shm.close()
         shm.unlink()
+    assert name not in _shm_files()
+    # Nothing else made on the way (the sibling) is left either.
+    assert _left_in_private_shm("""
+        import os
+        import mpshm
+        from mpshm.backends import _files
+        _files._TMPFILE = False
+        shm = mpshm.SharedMemory("named", create=True, size=16)
+        assert sorted(os.listdir("/dev/shm")) == ["named", "state"], os.listdir("/dev/shm")
+        shm.close()
+        shm.unlink()
+    """) == []
 
 
 def test_a_link_that_cannot_be_made_falls_back_and_leaves_nothing(monkeypatch):
@@ -71,16 +122,27 @@ def test_a_link_that_cannot_be_made_falls_back_and_leaves_nothing(monkeypatch):
         raise NotImplementedError("no /proc here")
 
     monkeypatch.setattr(_files.UnnamedFile, "name", refuse)
-    before = _shm_files()
     name = unique("named")
     shm = mpshm.SharedMemory(name, create=True, size=16)
     try:
-        assert _shm_files() - before == {name}
+        assert name in _shm_files()
         assert shm._attachment.identity == backends.get("posix").identity(name)
     finally:
         shm.close()
         shm.unlink()
-    assert _shm_files() - before == set()
+    assert name not in _shm_files()
+    assert _left_in_private_shm("""
+        import os
+        import mpshm
+        from mpshm.backends import _files
+        def refuse(self):
+            raise NotImplementedError("no /proc here")
+        _files.UnnamedFile.name = refuse
+        shm = mpshm.SharedMemory("named", create=True, size=16)
+        assert sorted(os.listdir("/dev/shm")) == ["named", "state"], os.listdir("/dev/shm")
+        shm.close()
+        shm.unlink()
+    """) == []
 
 
 def test_a_race_for_the_name_leaves_the_winner_alone(monkeypatch):
@@ -91,10 +153,8 @@ def test_a_race_for_the_name_leaves_the_winner_alone(monkeypatch):
         identity = backends.get("posix").identity(name)
         # As if the name was taken between the check and the link.
         monkeypatch.setattr(type(backends.get("posix")), "exists", lambda self, ident: False)
-        before = _shm_files()
         with pytest.raises(FileExistsError):
             mpshm.SharedMemory(name, create=True, size=16)
-        assert _shm_files() == before
         assert backends.get("posix").identity(name) == identity
         assert bytes(winner.buf[:3]) == b"won"
         assert ("posix", name) not in tracking.tracked()
@@ -106,20 +166,20 @@ def test_a_race_for_the_name_leaves_the_winner_alone(monkeypatch):
 def test_a_kill_before_the_link_leaves_nothing():
     """Killed once the name is registered and before it exists: the unnamed
     file dies with the process, and the tracker finds nothing to destroy."""
-    name = unique("named")
-    before = _shm_files()
-    result = run_script(f"""
-        import os, signal
-        import mpshm
-        from mpshm.backends import _files
-        def die(self):
-            os.kill(os.getpid(), signal.SIGKILL)
-        _files.UnnamedFile.name = die
-        mpshm.SharedMemory({name!r}, create=True, size=1 << 20)
-    """)
-    assert result.returncode == -9, result.stderr
-    assert name not in _shm_files()
-    assert _shm_files() - before <= {f for f in _shm_files() if f.startswith("sem.")}
+    victim = (
+        "import os, signal\n"
+        "import mpshm\n"
+        "from mpshm.backends import _files\n"
+        "def die(self):\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "_files.UnnamedFile.name = die\n"
+        "mpshm.SharedMemory('named', create=True, size=1 << 20)\n"
+    )
+    assert _left_in_private_shm(f"""
+        import subprocess, sys
+        victim = subprocess.run([sys.executable, "-c", {victim!r}])
+        assert victim.returncode == -9, victim.returncode
+    """) == []
 
 
 def test_a_kill_after_the_link_is_cleaned_up_by_the_tracker():

@@ -24,6 +24,7 @@ pytest.importorskip("numpy")
 SHELL = (
     "mount -t tmpfs -o size={size},mode=1777 tmpfs /dev/shm && "
     "mkdir -m 0700 /dev/shm/mmap /dev/shm/state && "
+    "{sysctl}"
     "echo NAMESPACE-READY && "
     'exec "$0" "$@"'
 )
@@ -98,9 +99,12 @@ def left(timeout=10):
 '''
 
 
-def run(program: str, tmpfs: str, timeout: float = 100, **arguments: Any) -> dict[str, Any]:
+def run(program: str, tmpfs: str, timeout: float = 100, shmall: int = 0,
+        **arguments: Any) -> dict[str, Any]:
     """Run *program* (after :data:`COMMON`) in private namespaces with a tmpfs
-    of *tmpfs* on /dev/shm; return the figures it reported."""
+    of *tmpfs* on /dev/shm (and System V memory limited to *shmall* pages, if
+    given); return the figures it reported."""
+    sysctl = f"echo {shmall} > /proc/sys/kernel/shmall && " if shmall else ""
     if not shutil.which("unshare"):
         pytest.skip("util-linux unshare is needed for this test")
     user = [] if os.geteuid() == 0 else ["--map-root-user"]
@@ -118,8 +122,8 @@ def run(program: str, tmpfs: str, timeout: float = 100, **arguments: Any) -> dic
             PYTHONUNBUFFERED="1",
         )
         result = subprocess.run(
-            ["unshare", "--mount", "--ipc", *user, "sh", "-c", SHELL.format(size=tmpfs),
-             sys.executable, path, json.dumps(arguments)],
+            ["unshare", "--mount", "--ipc", *user, "sh", "-c",
+             SHELL.format(size=tmpfs, sysctl=sysctl), sys.executable, path, json.dumps(arguments)],
             capture_output=True, text=True, timeout=timeout, env=env,
         )
     if "NAMESPACE-READY" not in result.stdout:
@@ -185,12 +189,13 @@ def test_copies_in_flight_stay_within_the_budget(kind, backend):
     flight), 40 inputs of 8 MiB (one per task) never take more than the
     budget; the store's use may lag behind by the copies whose tasks just
     finished (their segments are destroyed on the reaper's thread, and a
-    worker unmaps its arguments after sending its result)."""
+    worker unmaps its arguments after sending its result): on a loaded
+    machine, up to four of them."""
     budget = 24 << 20
     figures = run(MAP, "512m", method="fork", kind=kind, n=40, size=8 << 20, chunksize=1,
                   options={"backend": backend, "copy_budget": budget, "cache_bytes": 0})
     assert 0 < figures["spent"] <= budget, figures
-    assert figures["peak"] <= budget + (24 << 20), figures  # before: 320 MiB
+    assert figures["peak"] <= budget + (32 << 20), figures  # before: 320 MiB
 
 
 BIG = r'''
@@ -308,6 +313,34 @@ def test_cache_gives_way_on_a_small_store(method):
     assert figures["cached"] <= 0.26 * (figures["free"] + figures["cached"]), figures
     assert figures["done"] is True
     assert figures["left"] == []
+
+
+SYSV_CACHE = r'''
+def main():
+    ctx = mpshm.get_context("fork", backend="sysv")
+    warm = ctx._sharing.warm
+    with mpshm.Pool(2, context=ctx) as pool:
+        pool.map(total, [array(i, 20 * MiB) for i in range(10)], chunksize=1)
+        cached = warm.cached_bytes
+        free = ctx._sharing.backend.free_space({})
+        shm = mpshm.SharedMemory(create=True, size=50 * MiB, backend="sysv")
+        shm.close()
+        shm.unlink()
+        report(cached=cached, free=free, done=True)
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+def test_sysv_cache_gives_way_to_kernel_shmall():
+    """System V, kernel.shmall at 64 MiB: after a map of 10 x 20 MiB the cache
+    holds at most a quarter of what shmall allows, and a 50 MiB segment made
+    right after succeeds (before: the cache held 60 MiB and it failed)."""
+    figures = run(SYSV_CACHE, "64m", shmall=(64 * 1024 * 1024) // os.sysconf("SC_PAGE_SIZE"))
+    assert figures["cached"] <= 0.26 * (figures["free"] + figures["cached"]), figures
+    assert figures["done"] is True
 
 
 FULL = r'''

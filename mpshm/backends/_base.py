@@ -517,6 +517,19 @@ class Backend(abc.ABC):
         storage is not a filesystem (the default)."""
         return None
 
+    def free_space(self, options: Mapping[str, Any]) -> Optional[int]:
+        """Bytes new segments made with *options* could still take, or None
+        where that cannot be told: by default the free space of the
+        filesystem at :meth:`where` (one ``statvfs``)."""
+        where = self.where(options)
+        if where is None:
+            return None
+        try:
+            st = os.statvfs(where)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize if st.f_blocks else None
+
     def __repr__(self) -> str:
         return f"<mpshm backend {self.name!r}>"
 

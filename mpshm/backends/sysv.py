@@ -316,6 +316,19 @@ class SysVBackend(Backend):
     def qualified(self, ident: str) -> str:
         return f"{self.name}:{ident}"
 
+    def free_space(self, options: Mapping[str, Any]) -> Optional[int]:
+        """Pages kernel.shmall still allows (segments marked for removal but
+        still attached count until their last detach), or None where it is
+        no limit."""
+        shmall = _read_int("/proc/sys/kernel/shmall")
+        page = os.sysconf("SC_PAGE_SIZE")
+        if shmall is None or shmall * page >= _NO_LIMIT:
+            return None
+        entries = _proc_segments()
+        if entries is None:
+            return None
+        return max(0, shmall - sum(-(-e.size // page) for e in entries)) * page
+
     def _no_space(self, ident: str, size: int, refusal: BaseException) -> OSError:
         """The ENOSPC error for a refused creation, with the limit that applies."""
         entries = _proc_segments()
