@@ -8,6 +8,7 @@ the mmap backend works where that package is not installed.
 
 from __future__ import annotations
 
+import abc
 import errno
 import fcntl
 import hashlib
@@ -16,12 +17,13 @@ import os
 import random
 import stat
 import sys
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 from . import _huge
-from ._base import MmapAttachment, Unnamed, no_space
+from ._base import Attachment, Backend, MmapAttachment, Unnamed, no_space
 
 __all__ = [
+    "FileBackend",
     "after_attach",
     "check_free",
     "create_mapped",
@@ -465,3 +467,25 @@ def create_unnamed(
         os.close(fd)
         raise
     return UnnamedFile(fd, attachment, path, taken)
+
+
+class FileBackend(Backend):
+    """What the file-backed backends (posix, mmap) share: a segment is a
+    file mapped from its descriptor, so it can be mapped privately too
+    (copy-on-write, see :meth:`Backend.attach_private`) by one
+    :meth:`_attach` with a flag."""
+
+    def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
+        attachment = self._attach(ident, options, private=False)
+        assert attachment is not None
+        return attachment
+
+    def attach_private(self, ident: str, options: Mapping[str, Any]) -> Optional[Attachment]:
+        return self._attach(ident, options, private=True)
+
+    @abc.abstractmethod
+    def _attach(
+        self, ident: str, options: Mapping[str, Any], private: bool
+    ) -> Optional[Attachment]:
+        """Map segment *ident*, shared or (*private*) copy-on-write; None if
+        it cannot be mapped privately (hugetlbfs)."""

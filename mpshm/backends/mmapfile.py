@@ -27,7 +27,6 @@ from typing import Any, Callable, Mapping, Optional
 from . import _huge
 from ._base import (
     Attachment,
-    Backend,
     MmapAttachment,
     SegmentInfo,
     Unnamed,
@@ -36,6 +35,7 @@ from ._base import (
     sized_stat,
 )
 from ._files import (
+    FileBackend,
     after_attach,
     create_mapped,
     create_unnamed,
@@ -131,7 +131,7 @@ def _safe_parent(st: os.stat_result) -> bool:
     return st.st_uid == 0 and bool(st.st_mode & stat.S_ISVTX)
 
 
-class MmapBackend(Backend):
+class MmapBackend(FileBackend):
     """Regular files mapped with ``mmap``."""
 
     name = "mmap"
@@ -261,14 +261,6 @@ class MmapBackend(Backend):
 
         identity: str = self._new(ident, options, fill)
         return identity
-
-    def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
-        attachment = self._attach(ident, options, private=False)
-        assert attachment is not None
-        return attachment
-
-    def attach_private(self, ident: str, options: Mapping[str, Any]) -> Optional[Attachment]:
-        return self._attach(ident, options, private=True)
 
     def _attach(
         self, ident: str, options: Mapping[str, Any], private: bool

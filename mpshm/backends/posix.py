@@ -24,7 +24,6 @@ import posix_ipc
 from . import _huge
 from ._base import (
     Attachment,
-    Backend,
     MmapAttachment,
     SegmentInfo,
     Unnamed,
@@ -34,6 +33,7 @@ from ._base import (
     sized_stat,
 )
 from ._files import (
+    FileBackend,
     after_attach,
     create_mapped,
     create_unnamed,
@@ -83,7 +83,7 @@ def _path(ident: str) -> str:
     return "/" + ident
 
 
-class PosixBackend(Backend):
+class PosixBackend(FileBackend):
     """POSIX shared memory objects (``shm_open``), the default backend."""
 
     name = "posix"
@@ -241,14 +241,6 @@ class PosixBackend(Backend):
 
         identity: str = self._new(ident, fill)
         return identity
-
-    def attach(self, ident: str, options: Mapping[str, Any]) -> Attachment:
-        attachment = self._attach(ident, options, private=False)
-        assert attachment is not None
-        return attachment
-
-    def attach_private(self, ident: str, options: Mapping[str, Any]) -> Optional[Attachment]:
-        return self._attach(ident, options, private=True)
 
     def _attach(
         self, ident: str, options: Mapping[str, Any], private: bool
