@@ -615,11 +615,12 @@ class _Sharing:
         # Unpickled as the process's one object of this context (see
         # _sharing_of); an executor sends it with every task, so its state
         # goes pickled once, and is unpickled only where it is new.
-        state = self.__getstate__()
-        blob = self.__dict__.get("_state_blob")
-        if blob is None or blob[0] != state:
-            blob = self._state_blob = (state, pickle.dumps(state, protocol=5))
-        return _sharing_of, (self.token, self.pid, blob[1])
+        # (Its settings never change once made.)
+        wire = self.__dict__.get("_wire")
+        if wire is None:
+            state = pickle.dumps(self.__getstate__(), protocol=5)
+            wire = self._wire = (self.token, self.pid, state)
+        return _sharing_of, wire
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         from . import backends
@@ -691,17 +692,21 @@ class _Sharing:
         if obj is None:  # a pool's wake-up or stop signal: nothing to say or share
             return _PICKLED_NONE
         carrier, key, about = self._carrier(obj)
-        pickler, file, table = self._pickler(carrier)
-
-        def cleanup(failed: SharingPickler) -> None:
-            if isinstance(carrier, _LoanCarrier):
-                self._release(carrier.used)
-            else:
-                reduction.discard(failed.made, carrier.registry())
-
-        reduction.dump(pickler, obj, cleanup)
+        # This thread's pickler from its last message, if it still fits (a
+        # pickler costs more to make than a small message does to pickle).
+        local = self._local
+        table = _dispatch_table()
+        kept = getattr(local, "pickler", None)
+        local.pickler = None  # (a message pickled meanwhile gets a new one)
+        if kept is not None and kept[2] is table and kept[0].reuse(carrier):
+            pickler, file, _ = kept
+        else:
+            file = io.BytesIO()
+            pickler = SharingPickler(file, carrier, table)
+        reduction.dump(pickler, obj, functools.partial(self._cleanup, carrier))
         extra = None
-        if isinstance(carrier, _LoanCarrier):
+        if key is not None:  # a task: its copies live until its result is back
+            assert isinstance(carrier, _LoanCarrier)
             if pickler.kept:  # sent by reference: alive until the task is done
                 keep = _Loan(None, pickler.kept, None)
                 keep.users = 1
@@ -709,14 +714,16 @@ class _Sharing:
             if carrier.used:
                 with self.lock:
                     self.inflight.setdefault(key, []).extend(carrier.used)
-            if self.warm is not None:
-                offered = self.warm.offer()
+            warm = self.warm
+            if warm is not None:
+                offered = warm.offer()
                 if offered:
                     with self.lock:
                         self.offered.setdefault(key, []).extend(offered)
-                    extra = {"spares": [warm.segment for warm in offered]}
+                    extra = {"spares": [entry.segment for entry in offered]}
         elif about is not None:  # a worker's result
-            self.spares = []  # they were offered with its task only
+            if self.spares:
+                self.spares = []  # they were offered with its task only
             if _worker_leases:
                 extra = self._released()
         data = reduction.envelope(file.getvalue(), pickler.descriptors, about, extra)
@@ -724,24 +731,15 @@ class _Sharing:
         pickler.finish()
         file.seek(0)
         file.truncate()
-        self._local.pickler = (pickler, file, table)
+        local.pickler = (pickler, file, table)
         return data
 
-    def _pickler(self, carrier: Carrier) -> tuple[SharingPickler, io.BytesIO, Any]:
-        """A sharing pickler for one message with *carrier*, its file and
-        dispatch table: the one this thread kept from its last message if it
-        still fits (a pickler costs more to make than a small message does to
-        pickle), else a new one."""
-        local = self._local
-        table = _dispatch_table()
-        kept = getattr(local, "pickler", None)
-        if kept is not None:
-            local.pickler = None  # (a message pickled meanwhile gets a new one)
-            pickler, file, made_with = kept
-            if made_with is table and pickler.reuse(carrier):
-                return pickler, file, table
-        file = io.BytesIO()
-        return SharingPickler(file, carrier, table), file, table
+    def _cleanup(self, carrier: Carrier, failed: SharingPickler) -> None:
+        """What a message that could not be pickled had made or lent goes."""
+        if isinstance(carrier, _LoanCarrier):
+            self._release(carrier.used)
+        else:
+            reduction.discard(failed.made, carrier.registry())
 
     def _released(self) -> Optional[dict[str, Any]]:
         """(A worker) task arguments whose views are all gone, to report."""
@@ -1468,6 +1466,17 @@ class Pool(multiprocessing.pool.Pool):
         super().__init__(processes, initializer, initargs, maxtasksperchild, ctx)
         if ctx is not context:  # ours: its bookkeeping ends with the pool
             self._mpshm_end = util.Finalize(self, ctx.close, exitpriority=10)
+
+    def _get_sentinels(self) -> list[Any]:
+        # What the worker handler thread waits on besides its workers'
+        # sentinels. The standard library's also waits on the result queue,
+        # which that thread never reads: every result wakes it, again and
+        # again until the result handler has taken it (four to five
+        # wake-ups per task, a third of a small task's cost in the parent).
+        # It needs none of them: workers that exit wake it through their
+        # sentinels, and a drained job table, close() and terminate()
+        # through the change notifier.
+        return [self._change_notifier._reader]  # type: ignore[attr-defined]
 
     def _repopulate_pool(self) -> Any:
         cache = self._cache  # type: ignore[attr-defined]

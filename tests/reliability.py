@@ -654,18 +654,24 @@ def _victim_map(backend: str, rng: random.Random, survivors: list[str], out: int
     ex = mpshm.ProcessPoolExecutor(2, mp_context=ctx, backend=backend,
                                    share_threshold=4 * KiB)
     victims: list[int] = []
+    lock = threading.Lock()
+    finished = False
 
     def kill_a_worker() -> None:
-        pids = list(ex._processes)  # type: ignore[attr-defined]
-        if pids:
-            pid = rng.choice(pids)
-            os.kill(pid, signal.SIGKILL)
-            victims.append(pid)
+        with lock:  # never after the executor is shut down below
+            if finished:
+                return
+            pids = list(ex._processes or ())  # type: ignore[attr-defined]
+            if pids:
+                pid = rng.choice(pids)
+                os.kill(pid, signal.SIGKILL)
+                victims.append(pid)
 
-    broken = False
+    # Why the executor broke, if no kill of ours did it (a product bug).
+    unprompted = None
+    timer = threading.Timer(rng.uniform(0, 0.2), kill_a_worker)
     try:
         list(ex.map(echo_task, range(2), payloads[:2]))  # workers are up
-        timer = threading.Timer(rng.uniform(0, 0.2), kill_a_worker)
         timer.start()
         for _ in range(200):
             answers = list(ex.map(echo_task, range(len(payloads)), payloads))
@@ -674,13 +680,25 @@ def _victim_map(backend: str, rng: random.Random, survivors: list[str], out: int
             if victims:
                 time.sleep(0.05)  # the executor notices the death before the next map
         timer.join()
-    except concurrent.futures.process.BrokenProcessPool:
-        broken = True
+    except concurrent.futures.process.BrokenProcessPool as exc:
+        with lock:
+            if not victims:
+                causes = []
+                cause: Optional[BaseException] = exc
+                while cause is not None:
+                    causes.append(f"{type(cause).__name__}: {cause}")
+                    cause = cause.__cause__ or cause.__context__
+                unprompted = " <- ".join(causes)
     finally:
+        with lock:
+            finished = True
+        timer.cancel()
         ex.shutdown(wait=True)
     checked = sum(_survivor_check(name) for name in survivors)
-    os.write(out, json.dumps({"worker_kills": len(victims), "broken": broken,
-                              "checked": checked}).encode() + b"\n")
+    summary = {"worker_kills": len(victims), "checked": checked}
+    if unprompted is not None:
+        summary["unprompted_break"] = unprompted
+    os.write(out, json.dumps(summary).encode() + b"\n")
 
 
 def _victim_manager(backend: str, rng: random.Random, survivors: list[str], out: int,
@@ -809,6 +827,7 @@ def faults(scenario: str, trials: int, seed: int, max_delay: float) -> None:
     body = _VICTIMS[scenario]
     kills = finished = checked = intact = orphans = 0
     errors: dict[str, int] = {}
+    unprompted: list[str] = []  # executors that broke with no worker killed
     start = time.monotonic()
     for trial in range(trials):
         backend = BACKENDS[trial % len(BACKENDS)]
@@ -864,6 +883,8 @@ def faults(scenario: str, trials: int, seed: int, max_delay: float) -> None:
             kills += message.get("worker_kills", 0)
             checked += message.get("checked", 0)
             intact += message.get("intact", 0)
+            if message.get("unprompted_break"):
+                unprompted.append(message["unprompted_break"])
             if message.get("error"):
                 errors[message["error"]] = errors.get(message["error"], 0) + 1
     # Every victim's tracker cleans up once its program is over: wait for them
@@ -878,6 +899,7 @@ def faults(scenario: str, trials: int, seed: int, max_delay: float) -> None:
     semaphores = sorted(set(left) - set(_segments(left)))
     report(scenario=scenario, trials=trials, kills=kills, finished_before_kill=finished,
            bytes_verified=checked, mapped_segments_intact=intact, server_errors=errors,
+           executors_broken_unprompted=unprompted,
            orphans_seen_after_kills=orphans, worker_tracebacks_after_parent_kill=quiet_deaths,
            segments_left=len(_segments(left)), left=_segments(left)[:10],
            left_at_end=left_at_end, stdlib_semaphores_left=semaphores,

@@ -252,3 +252,36 @@ def test_get_context_leaves_the_start_method_unset():
         print("ok")
     """)
     assert result.stdout.strip() == "ok", result.stderr
+
+
+def _pid() -> int:
+    return os.getpid()
+
+
+def test_worker_handler_wakes_only_for_changes(method, monkeypatch):
+    """The standard library's worker handler thread also waits on the result
+    queue, which it never reads, so every result woke it four to five times
+    (until the result handler had taken it): a third of a small task's cost
+    in the parent. mpshm.Pool's wakes for what it acts on: a drained job
+    table (once per ``apply`` here), close, terminate, a worker's exit. Workers
+    that exit (``maxtasksperchild=1``: after every task) are still replaced."""
+    wakes = [0]
+    original = multiprocessing.pool.Pool._wait_for_updates
+
+    def counted(sentinels, change_notifier, timeout=None):
+        wakes[0] += 1
+        return original(sentinels, change_notifier, timeout)
+
+    # (The handler thread runs multiprocessing.pool.Pool._handle_workers.)
+    monkeypatch.setattr(multiprocessing.pool.Pool, "_wait_for_updates", staticmethod(counted))
+    with mpshm.Pool(2, context=multiprocessing.get_context(method)) as pool:
+        for _ in range(20):
+            pool.apply(nap, (0,))
+        before = wakes[0]
+        for _ in range(200):
+            pool.apply(nap, (0,))
+        assert wakes[0] - before <= 200 + 10, wakes[0] - before
+    with mpshm.Pool(2, context=multiprocessing.get_context(method),
+                    maxtasksperchild=1) as pool:
+        pids = {pool.apply(_pid) for _ in range(12)}
+        assert len(pids) == 12  # each task in a new worker: the exits were seen
