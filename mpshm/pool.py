@@ -67,6 +67,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 import weakref
 from multiprocessing import connection, context, util
 from multiprocessing.reduction import ForkingPickler
@@ -691,6 +692,10 @@ class _Sharing:
         of it rather than hang."""
         if obj is None:  # a pool's wake-up or stop signal: nothing to say or share
             return _PICKLED_NONE
+        if _plain_result(obj) and not _worker_leases and not self.spares:
+            # Nothing to share, to fail or to report: a plain pickle (as the
+            # answer to a plain call, see _plain_call), which loads() reads.
+            return pickle.dumps(obj, protocol=5)
         carrier, key, about = self._carrier(obj)
         # This thread's pickler from its last message, if it still fits (a
         # pickler costs more to make than a small message does to pickle).
@@ -1012,6 +1017,35 @@ def _unpickle(data: bytes, sharing: _Sharing) -> Any:
     return sharing.loads(data)
 
 
+#: Argument types whose pickles are never out-of-band buffers (exact types:
+#: a subclass may carry anything).
+_SCALARS = frozenset({int, float, complex, bool, str, type(None)})
+#: Functions pickled by reference: their pickle holds no buffer either.
+_BY_REFERENCE = frozenset({types.FunctionType, types.BuiltinFunctionType})
+
+
+def _plain_call(obj: Any) -> bool:
+    """Whether *obj* is an executor's call whose function and arguments can
+    hold no buffer (a plain function, scalars): nothing to share, so the
+    standard library's pickling in the call queue's feeder thread does all
+    of it, and the worker reads it as the standard library's does (the
+    sharing pickler would add a second pickle around it: a third of such a
+    small task's cost)."""
+    if type(obj) is not concurrent.futures.process._CallItem:
+        return False
+    if type(obj.fn) not in _BY_REFERENCE:
+        return False
+    args, kwargs = obj.args, obj.kwargs
+    return ((not args or all(type(arg) in _SCALARS for arg in args))
+            and (not kwargs or all(type(value) in _SCALARS for value in kwargs.values())))
+
+
+def _plain_result(obj: Any) -> bool:
+    """Whether *obj* is an executor's result of a scalar (see :data:`_SCALARS`)."""
+    return (type(obj) is concurrent.futures.process._ResultItem
+            and obj.exception is None and type(obj.result) in _SCALARS)
+
+
 def _share_queue(queue: Any, sharing: _Sharing) -> None:
     """Make *queue* (a :class:`multiprocessing.Queue` handed to a worker, as
     ProcessPoolExecutor's call queue is) send with the sharing pickler."""
@@ -1020,6 +1054,9 @@ def _share_queue(queue: Any, sharing: _Sharing) -> None:
     original = type(queue).put
 
     def put(obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
+        if _plain_call(obj):
+            original(queue, obj, block, timeout)
+            return
         try:
             data = sharing.dumps(obj)
         except Exception as exc:  # (the standard library's feeder thread catches these)

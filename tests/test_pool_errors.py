@@ -12,6 +12,7 @@ import json
 import multiprocessing
 import multiprocessing.pool
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -100,6 +101,64 @@ def test_executor_unpicklable_argument_fails_only_its_future(kind, method, share
         exc = ex.submit(unsendable, 2 * MiB // 8).exception(30)
         assert isinstance(exc, TypeError) and "lock" in str(exc), repr(exc)
         assert ex.submit(total, arr).result(30) == arr.size
+
+
+def scaled(x: float, *, by: float = 1.0) -> float:
+    return x * by
+
+
+def ones(n: int) -> Any:
+    return np.ones(n)
+
+
+def fails(message: str) -> None:
+    raise KeyError(message)
+
+
+class Tagged(str):
+    """A str subclass that carries an array: not a plain argument."""
+
+    payload: Any = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _tagged, (str(self), self.payload)
+
+
+def _tagged(text: str, payload: Any) -> Tagged:
+    tagged = Tagged(text)
+    tagged.payload = payload
+    return tagged
+
+
+def length_of_payload(tag: Tagged) -> int:
+    return int(tag.payload.size)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("kind", ["mpshm", "standard"])
+def test_plain_calls_behave_as_the_standard_librarys(kind, method):
+    """Calls of a plain function with scalar arguments skip the sharing
+    pickler (nothing in them can be shared): they must still give the
+    standard library's results and errors, and anything else (a result with
+    a large array, an argument of a subclass) must still be shared."""
+    with executor(kind, method, "posix") as ex:
+        assert ex.submit(pow, 2, 10).result(30) == 1024  # a builtin
+        assert ex.submit(scaled, 3, by=0.5).result(30) == 1.5
+        exc = ex.submit(fails, "no such key").exception(30)
+        assert isinstance(exc, KeyError) and "no such key" in str(exc)
+        assert isinstance(exc.__cause__, concurrent.futures.process._RemoteTraceback)
+        # A function that cannot be pickled fails its own future, as the
+        # standard library's (an error of its feeder thread).
+        exc = ex.submit(lambda: 1).exception(30)
+        assert isinstance(exc, (AttributeError, TypeError, pickle.PicklingError)), repr(exc)
+        # A large result still travels through shared memory, and is the
+        # receiver's own.
+        big = ex.submit(ones, 2 * MiB // 8).result(30)
+        assert big.sum() == 2 * MiB // 8 and big.flags.writeable
+        tag = Tagged("tag")
+        tag.payload = np.ones(2 * MiB // 8)
+        assert ex.submit(length_of_payload, tag).result(30) == 2 * MiB // 8
+        assert ex.submit(scaled, 2).result(30) == 2  # still working
 
 
 @pytest.mark.timeout(60)
