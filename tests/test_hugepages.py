@@ -137,6 +137,31 @@ def test_tmpfs_with_huge_advise_gives_huge_pages(huge_tmpfs: Path) -> None:
     assert os.listdir(huge_tmpfs) == []
 
 
+def test_doctor_and_the_backends_read_a_mount_alike(tmp_path: Path) -> None:
+    """/proc/mounts writes a tab, a newline or a backslash in a mount point as
+    an octal escape. The backends decoded only spaces, so for such a
+    directory they fell back to the mount above it (no huge pages) while
+    ``mpshm doctor`` reported the tmpfs's ``huge=advise``: both now read the
+    mounts one way (mpshm._system)."""
+    from mpshm.cli import doctor
+
+    point = tmp_path / "odd\\name\twith tab"
+    point.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,huge=advise,mode=0700",
+                           "tmpfs", str(point)], capture_output=True, timeout=30)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        with open("/proc/self/mounts") as f:
+            assert "\\134" in f.read()  # the kernel escaped the backslash
+        reported = doctor.check_thp_shmem(shm_dir=str(point)).detail["shm_dir_huge"]
+        assert reported == "advise"
+        if _huge.shmem_thp() not in ("deny", "force"):
+            assert _huge.tmpfs_huge(str(point)) == reported
+    finally:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+
+
 def test_full_tmpfs_with_huge_pages_fails_at_creation(huge_tmpfs: Path) -> None:
     """Prefaulting for huge pages replaces posix_fallocate: a segment larger than
     the filesystem (the free-space check skipped, as when another process

@@ -29,6 +29,8 @@ import os
 import sys
 from typing import Any, Mapping, Optional
 
+from .. import _system
+
 __all__ = [
     "HUGE_FROM",
     "MADV_HUGEPAGE",
@@ -54,7 +56,6 @@ ENV_VAR = "MPSHM_HUGE_PAGES"
 #: with 4 KiB pages): the options cost nothing there.
 HUGE_FROM = 2 << 20
 SHMEM_ENABLED = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
-HUGETLBFS_MAGIC = 0x958458F6
 
 #: The options every built-in backend accepts for this.
 OPTIONS = frozenset({"huge_pages", "prefault"})
@@ -114,40 +115,14 @@ def wants_huge(options: Mapping[str, Any], size: int) -> bool:
     return size >= HUGE_FROM and _LINUX and flag(options, "huge_pages", ENV_VAR)
 
 
-def _bracketed(text: str) -> Optional[str]:
-    for word in text.split():
-        if word.startswith("[") and word.endswith("]"):
-            return word[1:-1]
-    return None
-
-
 def shmem_thp(path: str = SHMEM_ENABLED) -> str:
     """The selected value of ``shmem_enabled`` (``never`` if unknown)."""
-    try:
-        with open(path) as f:
-            return _bracketed(f.read()) or "never"
-    except OSError:
-        return "never"
+    return _system.selected(_system.read_text(path) or "") or "never"
 
 
-def _mount_of(path: str) -> Optional[tuple[str, str]]:
-    """(fstype, options) of the mount holding *path*, from /proc/self/mounts."""
-    try:
-        with open("/proc/self/mounts") as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    path = os.path.realpath(path)
-    best: Optional[tuple[int, str, str]] = None
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 4:
-            continue
-        point = fields[1].replace("\\040", " ")
-        inside = path == point or path.startswith(point.rstrip("/") + "/")
-        if inside and (best is None or len(point) >= best[0]):
-            best = (len(point), fields[2], fields[3])
-    return (best[1], best[2]) if best else None
+def _mount_of(path: str) -> Optional[_system.Mount]:
+    """The mount holding *path*."""
+    return _system.mount_of(os.path.realpath(path), _system.mounts())
 
 
 def tmpfs_huge(path: str) -> Optional[str]:
@@ -155,23 +130,20 @@ def tmpfs_huge(path: str) -> Optional[str]:
     (``never`` when not given), overridden by ``shmem_enabled`` ``force``
     (``always``) or ``deny`` (``never``). None if *path* is not on a tmpfs."""
     mount = _mount_of(path)
-    if mount is None or mount[0] != "tmpfs":
+    if mount is None or mount.fstype != "tmpfs":
         return None
     global_value = shmem_thp()
     if global_value == "force":
         return "always"
     if global_value == "deny":
         return "never"
-    for option in mount[1].split(","):
-        if option.startswith("huge="):
-            return option[5:]
-    return "never"
+    return mount.option("huge") or "never"
 
 
 def hugetlbfs_page_size(path: str) -> Optional[int]:
     """The huge page size of the hugetlbfs holding *path*, None if it is not one."""
     mount = _mount_of(path)
-    if mount is None or mount[0] != "hugetlbfs":
+    if mount is None or mount.fstype != "hugetlbfs":
         return None
     try:
         return os.statvfs(path).f_bsize
@@ -181,14 +153,5 @@ def hugetlbfs_page_size(path: str) -> Optional[int]:
 
 def hugetlb_pages() -> tuple[int, int]:
     """(size of a default huge page, how many are free) from /proc/meminfo."""
-    size = free = 0
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("HugePages_Free:"):
-                    free = int(line.split()[1])
-                elif line.startswith("Hugepagesize:"):
-                    size = int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return size, free
+    info = _system.meminfo()
+    return info.get("Hugepagesize", 0), info.get("HugePages_Free", 0)

@@ -34,6 +34,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import sysv_ipc
 
+from .. import _system
 from . import _huge
 from ._base import Attachment, Backend, SegmentInfo, format_size, is_utf8, no_space, release_view
 
@@ -120,24 +121,9 @@ def _proc_segments() -> Optional[list[_ProcEntry]]:
     return entries
 
 
-def _read_int(path: str) -> Optional[int]:
-    try:
-        with open(path) as f:
-            return int(f.read().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
 def _meminfo(field: str) -> Optional[int]:
     """A /proc/meminfo figure, in bytes."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _system.meminfo().get(field)
 
 
 class _ShmidDs(ctypes.Structure):
@@ -320,7 +306,7 @@ class SysVBackend(Backend):
         """Pages kernel.shmall still allows (segments marked for removal but
         still attached count until their last detach), or None where it is
         no limit."""
-        shmall = _read_int("/proc/sys/kernel/shmall")
+        shmall = _system.read_int("/proc/sys/kernel/shmall")
         page = os.sysconf("SC_PAGE_SIZE")
         if shmall is None or shmall * page >= _NO_LIMIT:
             return None
@@ -332,7 +318,7 @@ class SysVBackend(Backend):
     def _no_space(self, ident: str, size: int, refusal: BaseException) -> OSError:
         """The ENOSPC error for a refused creation, with the limit that applies."""
         entries = _proc_segments()
-        shmmni = _read_int("/proc/sys/kernel/shmmni")
+        shmmni = _system.read_int("/proc/sys/kernel/shmmni")
         if (entries is not None and shmmni is not None and len(entries) >= shmmni
                 and getattr(refusal, "errno", None) == errno.ENOSPC):
             return OSError(
@@ -343,8 +329,8 @@ class SysVBackend(Backend):
                 "or use the posix or mmap backend.",
                 self.qualified(ident),
             )
-        shmmax = _read_int("/proc/sys/kernel/shmmax")
-        shmall = _read_int("/proc/sys/kernel/shmall")
+        shmmax = _system.read_int("/proc/sys/kernel/shmmax")
+        shmall = _system.read_int("/proc/sys/kernel/shmall")
         page = os.sysconf("SC_PAGE_SIZE")
         free: Optional[int] = None
         if shmall is not None and shmall * page < _NO_LIMIT:
@@ -358,7 +344,7 @@ class SysVBackend(Backend):
             available = _meminfo("MemAvailable")
             free = available if free is None or available is None else min(free, available)
             limits += (", the kernel would not commit that much memory (vm.overcommit_memory"
-                       f" = {_read_int('/proc/sys/vm/overcommit_memory')})")
+                       f" = {_system.read_int('/proc/sys/vm/overcommit_memory')})")
         return no_space(f"{self.storage} ({limits}; {refusal})", size, free, _REMEDY)
 
     def _no_memory(self, ident: str, size: Optional[int]) -> OSError:
@@ -675,7 +661,7 @@ class SysVBackend(Backend):
     def available(self) -> Optional[str]:
         if not sys.platform.startswith(("linux", "freebsd", "darwin")):
             return f"System V shared memory is not supported on {sys.platform}"
-        shmmax = _read_int("/proc/sys/kernel/shmmax")
+        shmmax = _system.read_int("/proc/sys/kernel/shmmax")
         if shmmax is not None and shmmax < 4096:
             return f"kernel.shmmax is {format_size(shmmax)}: too small for any segment"
         return None

@@ -35,6 +35,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
+from .. import _system
+
 __all__ = [
     "CHECKS",
     "VERDICTS",
@@ -195,24 +197,6 @@ def _human_figures(detail: Mapping[str, Any]) -> dict[str, str]:
     }
 
 
-def _read_text(path: str) -> Optional[str]:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read()
-    except OSError:
-        return None
-
-
-def _read_int(path: str) -> Optional[int]:
-    text = _read_text(path)
-    if text is None:
-        return None
-    try:
-        return int(text.split()[0])
-    except (ValueError, IndexError):
-        return None
-
-
 def _page_size() -> int:
     try:
         return int(os.sysconf("SC_PAGE_SIZE"))
@@ -224,68 +208,7 @@ def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.0f}%" if whole else "n/a"
 
 
-@dataclass(frozen=True)
-class _Mount:
-    device: str
-    point: str
-    fstype: str
-    options: tuple[str, ...]
 
-
-def _unescape(field_text: str) -> str:
-    # /proc/mounts writes space, tab, newline and backslash as octal escapes.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field_text)
-
-
-def _mounts(proc: str) -> list[_Mount]:
-    text = _read_text(os.path.join(proc, "mounts")) or ""
-    found = []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) >= 4:
-            found.append(
-                _Mount(_unescape(fields[0]), _unescape(fields[1]), fields[2],
-                       tuple(fields[3].split(",")))
-            )
-    return found
-
-
-def _mount_of(path: str, mounts: Sequence[_Mount]) -> Optional[_Mount]:
-    """The mount holding *path*: the longest mount point above it, the last listed
-    (the topmost) of several mounts on the same point."""
-    best: Optional[_Mount] = None
-    for mount in mounts:
-        point = mount.point.rstrip("/") or "/"
-        inside = point == "/" or path == point or path.startswith(point + "/")
-        if inside and (best is None or len(point) >= len(best.point.rstrip("/") or "/")):
-            best = mount
-    return best
-
-
-def _option(mount: Optional[_Mount], key: str) -> Optional[str]:
-    if mount is None:
-        return None
-    for option in mount.options:
-        name, _, value = option.partition("=")
-        if name == key:
-            return value
-    return None
-
-
-def _meminfo(proc: str) -> dict[str, int]:
-    """/proc/meminfo as numbers: sizes in bytes (``kB`` lines), counts as they are."""
-    values: dict[str, int] = {}
-    for line in (_read_text(os.path.join(proc, "meminfo")) or "").splitlines():
-        name, _, rest = line.partition(":")
-        parts = rest.split()
-        if not parts:
-            continue
-        try:
-            number = int(parts[0])
-        except ValueError:
-            continue
-        values[name.strip()] = number * 1024 if parts[1:2] == ["kB"] else number
-    return values
 
 
 def in_container(root: str = "/", environ: Optional[Mapping[str, str]] = None) -> bool:
@@ -295,7 +218,7 @@ def in_container(root: str = "/", environ: Optional[Mapping[str, str]] = None) -
         return True
     if any(os.path.exists(os.path.join(root, p)) for p in (".dockerenv", "run/.containerenv")):
         return True
-    cgroup = _read_text(os.path.join(root, "proc/1/cgroup")) or ""
+    cgroup = _system.read_text(os.path.join(root, "proc/1/cgroup")) or ""
     return bool(re.search(r"docker|kubepods|containerd|libpod|lxc", cgroup))
 
 
@@ -343,7 +266,7 @@ def check_shm_dir(
             {"path": path, "exists": False},
         )
     figures = _statvfs(path)
-    mount = _mount_of(os.path.realpath(path), _mounts(proc))
+    mount = _system.mount_of(os.path.realpath(path), _system.mounts(proc))
     st = os.stat(path)
     detail: dict[str, Any] = {
         "path": path,
@@ -358,7 +281,7 @@ def check_shm_dir(
     if figures is None:
         return CheckResult(name, area, title, "info", f"cannot statvfs {path}", detail)
     total, free, used = figures
-    memory = _meminfo(proc)
+    memory = _system.meminfo(proc)
     ram_swap = memory.get("MemTotal", 0) + memory.get("SwapTotal", 0)
     detail.update(total_bytes=total, free_bytes=free, used_bytes=used,
                   ram_and_swap_bytes=ram_swap or None)
@@ -418,9 +341,9 @@ def check_sysv_limits(proc: str = "/proc", page_size: Optional[int] = None) -> C
     name, area, title = "sysv.limits", "System V shared memory", "limits"
     page = page_size or _page_size()
     base = os.path.join(proc, "sys", "kernel")
-    shmmax = _read_int(os.path.join(base, "shmmax"))
-    shmall = _read_int(os.path.join(base, "shmall"))
-    shmmni = _read_int(os.path.join(base, "shmmni"))
+    shmmax = _system.read_int(os.path.join(base, "shmmax"))
+    shmall = _system.read_int(os.path.join(base, "shmall"))
+    shmmni = _system.read_int(os.path.join(base, "shmmni"))
     if shmmax is None and shmall is None and shmmni is None:
         return CheckResult(name, area, title, "info",
                            f"no {base}/shm*: System V limits unknown on {sys.platform}", {})
@@ -457,7 +380,7 @@ def check_sysv_limits(proc: str = "/proc", page_size: Optional[int] = None) -> C
 
 
 def _sysv_segments(proc: str) -> Optional[list[dict[str, int]]]:
-    text = _read_text(os.path.join(proc, "sysvipc", "shm"))
+    text = _system.read_text(os.path.join(proc, "sysvipc", "shm"))
     if text is None:
         return None
     segments = []
@@ -487,8 +410,8 @@ def check_sysv_usage(proc: str = "/proc", page_size: Optional[int] = None) -> Ch
     used_pages = sum(-(-s["size"] // page) for s in segments)
     unattached = sum(1 for s in segments if s["nattch"] == 0)
     mine = sum(1 for s in segments if s["uid"] == os.getuid())
-    shmmni = _read_int(os.path.join(proc, "sys", "kernel", "shmmni"))
-    shmall = _read_int(os.path.join(proc, "sys", "kernel", "shmall"))
+    shmmni = _system.read_int(os.path.join(proc, "sys", "kernel", "shmmni"))
+    shmall = _system.read_int(os.path.join(proc, "sys", "kernel", "shmall"))
     detail: dict[str, Any] = {
         "segments": count, "used_bytes": used, "used_pages": used_pages,
         "unattached": unattached, "owned_by_me": mine, "shmmni": shmmni,
@@ -518,7 +441,7 @@ def check_sysv_rmid_forced(proc: str = "/proc") -> CheckResult:
     no process has it attached, so one cannot be handed over by name."""
     name, area, title = "sysv.rmid_forced", "System V shared memory", "shm_rmid_forced"
     path = os.path.join(proc, "sys", "kernel", "shm_rmid_forced")
-    value = _read_int(path)
+    value = _system.read_int(path)
     if value is None:
         return CheckResult(name, area, title, "info", f"no {path}", {"shm_rmid_forced": None})
     detail = {"shm_rmid_forced": value}
@@ -547,14 +470,6 @@ _THP_MEANING = {
 }
 
 
-def _bracketed(text: str) -> Optional[str]:
-    match = re.search(r"\[([^\]]+)\]", text)
-    if match:
-        return match.group(1)
-    words = text.split()
-    return words[0] if len(words) == 1 else None
-
-
 def check_thp_shmem(
     sysfs: str = "/sys", proc: str = "/proc", shm_dir: str = "/dev/shm"
 ) -> CheckResult:
@@ -562,15 +477,15 @@ def check_thp_shmem(
     shared anonymous memory) and the ``huge=`` option of /dev/shm's tmpfs (POSIX)."""
     name, area, title = "thp.shmem", "Huge pages", "THP for shmem"
     path = os.path.join(sysfs, "kernel", "mm", "transparent_hugepage", "shmem_enabled")
-    text = _read_text(path)
-    mount = _mount_of(os.path.realpath(shm_dir), _mounts(proc))
-    huge = _option(mount, "huge") if mount is not None and mount.fstype == "tmpfs" else None
+    text = _system.read_text(path)
+    mount = _system.mount_of(os.path.realpath(shm_dir), _system.mounts(proc))
+    huge = mount.option("huge") if mount is not None and mount.fstype == "tmpfs" else None
     detail: dict[str, Any] = {"shmem_enabled": None, "shm_dir_huge": huge}
     if text is None:
         return CheckResult(name, area, title, "info",
                            f"no {path}: this kernel has no transparent huge pages for shmem",
                            detail)
-    value = _bracketed(text)
+    value = _system.selected(text)
     detail["shmem_enabled"] = value
     posix = value if value in ("deny", "force") else (huge or "never")
     detail["posix_effective"] = posix
@@ -602,7 +517,7 @@ def _first_touch(size: int, huge: bool) -> tuple[float, bool]:
         elapsed = time.perf_counter() - start
         used = False
         if huge:
-            rollup = _read_text("/proc/self/smaps_rollup") or ""
+            rollup = _system.read_text("/proc/self/smaps_rollup") or ""
             found = re.search(r"AnonHugePages:\s+(\d+)", rollup)
             used = bool(found and int(found.group(1)) > 0)
         return elapsed, used
@@ -620,10 +535,10 @@ def check_thp_gain(
     setting gives segments huge pages (``huge_pages=True``)."""
     name, area, title = "thp.gain", "Huge pages", "huge page gain"
     thp = os.path.join(sysfs, "kernel", "mm", "transparent_hugepage")
-    anon = _bracketed(_read_text(os.path.join(thp, "enabled")) or "")
-    shmem = _bracketed(_read_text(os.path.join(thp, "shmem_enabled")) or "")
-    mount = _mount_of(os.path.realpath(shm_dir), _mounts(proc))
-    huge = _option(mount, "huge") if mount is not None and mount.fstype == "tmpfs" else None
+    anon = _system.selected(_system.read_text(os.path.join(thp, "enabled")) or "")
+    shmem = _system.selected(_system.read_text(os.path.join(thp, "shmem_enabled")) or "")
+    mount = _system.mount_of(os.path.realpath(shm_dir), _system.mounts(proc))
+    huge = mount.option("huge") if mount is not None and mount.fstype == "tmpfs" else None
     posix = shmem if shmem in ("deny", "force") else (huge or "never")
     detail: dict[str, Any] = {"anon_enabled": anon, "size_bytes": size,
                               "small_pages_s": None, "huge_pages_s": None, "speedup": None}
@@ -667,8 +582,8 @@ def check_thp_gain(
 def check_hugetlb(proc: str = "/proc") -> CheckResult:
     """Reserved huge pages (``HugePages_Total/Free`` in /proc/meminfo) and hugetlbfs mounts."""
     name, area, title = "hugetlb", "Huge pages", "hugetlbfs"
-    info = _meminfo(proc)
-    mounts = [m.point for m in _mounts(proc) if m.fstype == "hugetlbfs"]
+    info = _system.meminfo(proc)
+    mounts = [m.point for m in _system.mounts(proc) if m.fstype == "hugetlbfs"]
     total = info.get("HugePages_Total")
     free = info.get("HugePages_Free")
     page = info.get("Hugepagesize")
@@ -694,8 +609,8 @@ def check_max_map_count(proc: str = "/proc") -> CheckResult:
     (at least) one map, so it bounds how many segments one process can map at once."""
     name, area, title = "vm.max_map_count", "Process limits", "map count"
     path = os.path.join(proc, "sys", "vm", "max_map_count")
-    limit = _read_int(path)
-    maps = _read_text(os.path.join(proc, "self", "maps"))
+    limit = _system.read_int(path)
+    maps = _system.read_text(os.path.join(proc, "self", "maps"))
     in_use = len(maps.splitlines()) if maps is not None else None
     detail = {"max_map_count": limit, "maps_in_use": in_use}
     if limit is None:
@@ -761,7 +676,7 @@ def check_address_space(limits: Optional[tuple[int, int]] = None) -> CheckResult
 
 
 def _cgroup_lines(proc: str) -> Optional[list[tuple[str, list[str], str]]]:
-    text = _read_text(os.path.join(proc, "self", "cgroup"))
+    text = _system.read_text(os.path.join(proc, "self", "cgroup"))
     if text is None:
         return None
     lines = []
@@ -785,9 +700,9 @@ def _walk_limit(
     found = False
     for depth in range(len(parts), -1, -1):
         directory = os.path.join(base, *parts[:depth])
-        text = _read_text(os.path.join(directory, limit_file))
+        text = _system.read_text(os.path.join(directory, limit_file))
         if usage is None:
-            usage = _read_int(os.path.join(directory, usage_file))
+            usage = _system.read_int(os.path.join(directory, usage_file))
         if text is None:
             continue
         found = True
@@ -828,7 +743,7 @@ def check_cgroup_memory(
     limit = where = usage = None
     found = False
     v2 = [path for hid, controllers, path in lines if hid == "0" and not controllers]
-    v2_controllers = (_read_text(os.path.join(root, "cgroup.controllers")) or "").split()
+    v2_controllers = (_system.read_text(os.path.join(root, "cgroup.controllers")) or "").split()
     if v2 and "memory" in v2_controllers:
         detail.update(version=2, cgroup=v2[0])
         limit, where, usage, found = _walk_limit(
@@ -879,7 +794,7 @@ _FALSE = frozenset({"0", "no", "n", "false", "f", "off"})
 
 def _logind_setting(path: str) -> Optional[bool]:
     """The last valid ``RemoveIPC=`` of the ``[Login]`` section of *path*, or None."""
-    text = _read_text(path)
+    text = _system.read_text(path)
     if text is None:
         return None
     section: Optional[str] = None
@@ -905,7 +820,7 @@ def _system_uid_max(etc: str) -> tuple[int, str]:
     """The largest system uid: logind's is fixed when systemd is built, usually from
     ``SYS_UID_MAX`` (or ``UID_MIN - 1``) of /etc/login.defs; 999 otherwise."""
     values: dict[str, int] = {}
-    for line in (_read_text(os.path.join(etc, "login.defs")) or "").splitlines():
+    for line in (_system.read_text(os.path.join(etc, "login.defs")) or "").splitlines():
         parts = line.split()
         if len(parts) >= 2 and not parts[0].startswith("#"):
             try:
@@ -925,7 +840,7 @@ def _process_running(proc: str, comm: str) -> bool:
         pids = [e for e in os.listdir(proc) if e.isdigit()]
     except OSError:
         return False
-    return any((_read_text(os.path.join(proc, pid, "comm")) or "").strip() == comm
+    return any((_system.read_text(os.path.join(proc, pid, "comm")) or "").strip() == comm
                for pid in pids)
 
 
@@ -1019,9 +934,9 @@ def check_remove_ipc(
 # The mmap backend's directory, and the settings
 
 
-def _tmpfs_hint(mounts: Sequence[_Mount]) -> str:
+def _tmpfs_hint(mounts: Sequence[_system.Mount]) -> str:
     """Where to put the mmap backend's segments for memory speed, on this machine."""
-    shm = _mount_of("/dev/shm", mounts)
+    shm = _system.mount_of("/dev/shm", mounts)
     where = (f"such as /dev/shm/mpshm-{os.getuid()}" if shm is not None and shm.point == "/dev/shm"
              and shm.fstype == "tmpfs" else "(mount -t tmpfs)")
     return (f"for memory speed every time, set MPSHM_DIR (or pass dir=) to a directory on a "
@@ -1059,8 +974,8 @@ def check_mmap_dir(path: Optional[str] = None, proc: str = "/proc") -> CheckResu
             return CheckResult(name, area, title, "problem", f"unusable: {exc}", detail,
                                _REMEDY_MMAP_DIR)
         where = path
-    mounts = _mounts(proc)
-    mount = _mount_of(os.path.realpath(where), mounts)
+    mounts = _system.mounts(proc)
+    mount = _system.mount_of(os.path.realpath(where), mounts)
     figures = _statvfs(where)
     fstype = mount.fstype if mount else None
     backed_by = ("ram" if fstype in _RAM_FS else "network" if fstype in _NETWORK_FS
@@ -1309,7 +1224,7 @@ def _arrow() -> str:
     return "→"
 
 
-def _system() -> dict[str, Any]:
+def _about_this_system() -> dict[str, Any]:
     from .. import __version__
 
     uid = os.getuid()
@@ -1441,7 +1356,7 @@ def run(args: argparse.Namespace) -> int:
     checks = run_checks()
     trials = [] if args.no_backends else try_backends(timeout=args.timeout)
     status = _status(checks, trials, args.strict)
-    system = _system()
+    system = _about_this_system()
     if args.json:
         report = {
             "checks": [c.to_json() for c in checks],
