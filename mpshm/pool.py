@@ -56,6 +56,7 @@ import concurrent.futures
 import concurrent.futures.process
 import errno
 import functools
+import importlib
 import io
 import itertools
 import multiprocessing
@@ -694,7 +695,7 @@ class _Sharing:
             return _PICKLED_NONE
         if _plain_result(obj) and not _worker_leases and not self.spares:
             # Nothing to share, to fail or to report: a plain pickle (as the
-            # answer to a plain call, see _plain_call), which loads() reads.
+            # answer to a plain call, see _plain), which loads() reads.
             return pickle.dumps(obj, protocol=5)
         carrier, key, about = self._carrier(obj)
         # This thread's pickler from its last message, if it still fits (a
@@ -1020,24 +1021,70 @@ def _unpickle(data: bytes, sharing: _Sharing) -> Any:
 #: Argument types whose pickles are never out-of-band buffers (exact types:
 #: a subclass may carry anything).
 _SCALARS = frozenset({int, float, complex, bool, str, type(None)})
-#: Functions pickled by reference: their pickle holds no buffer either.
+#: Functions pickled by reference (a module's attribute), so holding no buffer.
 _BY_REFERENCE = frozenset({types.FunctionType, types.BuiltinFunctionType})
 
 
-def _plain_call(obj: Any) -> bool:
-    """Whether *obj* is an executor's call whose function and arguments can
-    hold no buffer (a plain function, scalars): nothing to share, so the
-    standard library's pickling in the call queue's feeder thread does all
-    of it, and the worker reads it as the standard library's does (the
-    sharing pickler would add a second pickle around it: a third of such a
-    small task's cost)."""
-    if type(obj) is not concurrent.futures.process._CallItem:
-        return False
-    if type(obj.fn) not in _BY_REFERENCE:
-        return False
+def _plain(obj: Any) -> Any:
+    """The call to send in place of executor call *obj* if its function and
+    arguments can hold no buffer (a module's function, scalars), else None.
+
+    Such a call has nothing to share: the standard library's pickling in the
+    call queue's feeder thread does all of it, and the worker reads it as
+    the standard library's does (the sharing pickler would add a second
+    pickle around it: a third of such a small task's cost). Its function
+    goes as a :class:`_Function`, so that a worker that cannot find it (one
+    defined under ``if __name__ == "__main__":``, with spawn) fails that
+    call only, as with any other task, instead of the pool breaking."""
+    process = concurrent.futures.process
+    if type(obj) is not process._CallItem:
+        return None
+    fn = obj.fn
+    # (A bound method of a builtin object, arr.sum, is a BuiltinFunctionType
+    # too, but no module's attribute: its object goes by value.)
+    if type(fn) not in _BY_REFERENCE or getattr(
+            sys.modules.get(fn.__module__), fn.__qualname__, None) is not fn:
+        return None
     args, kwargs = obj.args, obj.kwargs
-    return ((not args or all(type(arg) in _SCALARS for arg in args))
-            and (not kwargs or all(type(value) in _SCALARS for value in kwargs.values())))
+    if ((args and not all(type(arg) in _SCALARS for arg in args))
+            or (kwargs and not all(type(value) in _SCALARS for value in kwargs.values()))):
+        return None
+    return process._CallItem(obj.work_id, _Function(fn), args, kwargs)
+
+
+class _Function:
+    """A module's function, pickled by name and found again by
+    :func:`_find_function` (see :func:`_plain`)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _find_function, (self.fn.__module__, self.fn.__qualname__)
+
+
+def _find_function(module: str, name: str) -> Callable[..., Any]:
+    """Function *name* of *module*, or one that raises why it is not there."""
+    try:
+        found = sys.modules.get(module) or importlib.import_module(module)
+        fn: Callable[..., Any] = getattr(found, name)
+        return fn
+    except Exception as exc:
+        error = AttributeError(
+            f"the worker cannot find the function {name!r} of module {module!r} "
+            f"({type(exc).__name__}: {exc}): a task's function must be importable by "
+            "the workers (defined at the top level of a module, not under "
+            "`if __name__ == '__main__':`)")
+
+        def missing(*_args: Any, **_kwargs: Any) -> Any:
+            raise error
+
+        return missing
 
 
 def _plain_result(obj: Any) -> bool:
@@ -1054,8 +1101,9 @@ def _share_queue(queue: Any, sharing: _Sharing) -> None:
     original = type(queue).put
 
     def put(obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-        if _plain_call(obj):
-            original(queue, obj, block, timeout)
+        plain = _plain(obj)
+        if plain is not None:
+            original(queue, plain, block, timeout)
             return
         try:
             data = sharing.dumps(obj)

@@ -159,6 +159,33 @@ def test_plain_calls_behave_as_the_standard_librarys(kind, method):
         tag.payload = np.ones(2 * MiB // 8)
         assert ex.submit(length_of_payload, tag).result(30) == 2 * MiB // 8
         assert ex.submit(scaled, 2).result(30) == 2  # still working
+        # A bound method of a builtin object is no module's function: its
+        # object goes by the sharing pickler (a memoryview cannot be pickled
+        # otherwise).
+        view = memoryview(bytearray(2 * MiB))
+        assert ex.submit(view.tobytes).result(30) == bytes(2 * MiB)
+
+
+def test_a_function_the_workers_cannot_find_fails_its_call_only(method, monkeypatch):
+    """A function the parent pickles by name but a spawned worker cannot find
+    (one defined under ``if __name__ == "__main__":``) fails its call alone,
+    with an error that says what to do, as other tasks that cannot be
+    unpickled do; with fork the worker has it."""
+    def vanishing(x: int) -> int:
+        return x * 2
+
+    vanishing.__qualname__ = vanishing.__name__ = "_defined_only_in_the_parent"
+    monkeypatch.setattr(sys.modules[__name__], "_defined_only_in_the_parent", vanishing,
+                        raising=False)
+    with executor("mpshm", method, "posix") as ex:
+        future = ex.submit(vanishing, 21)
+        if method == "fork":
+            assert future.result(30) == 42
+        else:
+            exc = future.exception(30)
+            assert isinstance(exc, AttributeError), repr(exc)
+            assert "_defined_only_in_the_parent" in str(exc) and "top level" in str(exc)
+        assert ex.submit(scaled, 2, by=3).result(30) == 6  # the pool is intact
 
 
 @pytest.mark.timeout(60)
