@@ -33,7 +33,7 @@ import pytest
 from helpers import OTHER_UIDS, as_other_user, run_script, unique
 
 import mpshm
-from mpshm import backends
+from mpshm import _system, backends
 from mpshm.backends import sysv
 from mpshm.shared_memory import OwnershipWarning
 
@@ -644,7 +644,7 @@ def test_sysv_errors_have_no_free_space_nonsense(monkeypatch):
     values = {"/proc/sys/kernel/shmmax": 18446744073692774399,
               "/proc/sys/kernel/shmall": 18446744073692774399,
               "/proc/sys/kernel/shmmni": 4096}
-    monkeypatch.setattr(sysv, "_read_int", values.get)
+    monkeypatch.setattr(_system, "read_int", values.get)
     error = chosen._refused("x", 4096, OSError(errno.ENOSPC, "No space left on device"))
     assert isinstance(error, OSError) and error.errno == errno.ENOSPC
     assert "PiB" not in str(error), str(error)
