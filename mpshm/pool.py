@@ -1018,16 +1018,49 @@ def _unpickle(data: bytes, sharing: _Sharing) -> Any:
     return sharing.loads(data)
 
 
-#: Argument types whose pickles are never out-of-band buffers (exact types:
-#: a subclass may carry anything).
-_SCALARS = frozenset({int, float, complex, bool, str, type(None)})
+#: Types the sharing pickler always pickles inline, as the standard library
+#: does (exact types: a subclass may carry anything).
+_INLINE = frozenset({int, float, complex, bool, str, bytes, bytearray, type(None)})
+_COLLECTIONS = frozenset({list, tuple, set, frozenset})
+#: Values looked at, at most, to find that a message holds only those.
+_SCAN_LIMIT = 256
+
+
+def _inline_only(values: Iterable[Any]) -> bool:
+    """Whether *values* are :data:`_INLINE` values, or lists, tuples, sets and
+    dicts of them (at most :data:`_SCAN_LIMIT` values in all): nothing the
+    sharing pickler would put in shared memory or send by handle."""
+    pending = list(values)
+    seen = len(pending)
+    while pending:
+        value = pending.pop()
+        kind = type(value)
+        if kind in _INLINE:
+            continue
+        if kind in _COLLECTIONS:
+            seen += len(value)
+            if seen > _SCAN_LIMIT:
+                return False
+            pending.extend(value)
+        elif kind is dict:
+            seen += 2 * len(value)
+            if seen > _SCAN_LIMIT:
+                return False
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        else:
+            return False
+    return seen <= _SCAN_LIMIT
+
+
 #: Functions pickled by reference (a module's attribute), so holding no buffer.
 _BY_REFERENCE = frozenset({types.FunctionType, types.BuiltinFunctionType})
 
 
 def _plain(obj: Any) -> Any:
     """The call to send in place of executor call *obj* if its function and
-    arguments can hold no buffer (a module's function, scalars), else None.
+    arguments can hold no buffer (a module's function; arguments of
+    :func:`_inline_only`), else None.
 
     Such a call has nothing to share: the standard library's pickling in the
     call queue's feeder thread does all of it, and the worker reads it as
@@ -1046,8 +1079,7 @@ def _plain(obj: Any) -> Any:
             sys.modules.get(fn.__module__), fn.__qualname__, None) is not fn:
         return None
     args, kwargs = obj.args, obj.kwargs
-    if ((args and not all(type(arg) in _SCALARS for arg in args))
-            or (kwargs and not all(type(value) in _SCALARS for value in kwargs.values()))):
+    if (args and not _inline_only(args)) or (kwargs and not _inline_only(kwargs.values())):
         return None
     return process._CallItem(obj.work_id, _Function(fn), args, kwargs)
 
@@ -1088,9 +1120,11 @@ def _find_function(module: str, name: str) -> Callable[..., Any]:
 
 
 def _plain_result(obj: Any) -> bool:
-    """Whether *obj* is an executor's result of a scalar (see :data:`_SCALARS`)."""
+    """Whether *obj* is an executor's result that holds nothing to share
+    (see :func:`_inline_only`)."""
     return (type(obj) is concurrent.futures.process._ResultItem
-            and obj.exception is None and type(obj.result) in _SCALARS)
+            and obj.exception is None
+            and (type(obj.result) in _INLINE or _inline_only((obj.result,))))
 
 
 def _share_queue(queue: Any, sharing: _Sharing) -> None:

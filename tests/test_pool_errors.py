@@ -107,6 +107,10 @@ def scaled(x: float, *, by: float = 1.0) -> float:
     return x * by
 
 
+def echo(*args: Any, **kwargs: Any) -> Any:
+    return args, kwargs
+
+
 def ones(n: int) -> Any:
     return np.ones(n)
 
@@ -159,6 +163,17 @@ def test_plain_calls_behave_as_the_standard_librarys(kind, method):
         tag.payload = np.ones(2 * MiB // 8)
         assert ex.submit(length_of_payload, tag).result(30) == 2 * MiB // 8
         assert ex.submit(scaled, 2).result(30) == 2  # still working
+        # Collections of such values (any size, nested, self-referential),
+        # and collections that hold an array.
+        assert ex.submit(echo, [1, "a", (b"b", None)], key={"k": [2.5]}).result(30) == (
+            ([1, "a", (b"b", None)],), {"key": {"k": [2.5]}})
+        assert ex.submit(echo, list(range(1000))).result(30) == ((list(range(1000)),), {})
+        loop: list[Any] = [1]
+        loop.append(loop)
+        back = ex.submit(echo, loop).result(30)[0][0]
+        assert back[0] == 1 and back[1] is back
+        held = ex.submit(echo, [np.ones(2 * MiB // 8)]).result(30)[0][0]
+        assert held[0].sum() == 2 * MiB // 8 and held[0].flags.writeable
         # A bound method of a builtin object is no module's function: its
         # object goes by the sharing pickler (a memoryview cannot be pickled
         # otherwise).
