@@ -693,7 +693,7 @@ class _Sharing:
         of it rather than hang."""
         if obj is None:  # a pool's wake-up or stop signal: nothing to say or share
             return _PICKLED_NONE
-        if _plain_result(obj) and not _worker_leases and not self.spares:
+        if _plain_result(obj, self.threshold) and not _worker_leases and not self.spares:
             # Nothing to share, to fail or to report: a plain pickle (as the
             # answer to a plain call, see _plain), which loads() reads.
             return pickle.dumps(obj, protocol=5)
@@ -1026,10 +1026,16 @@ _COLLECTIONS = frozenset({list, tuple, set, frozenset})
 _SCAN_LIMIT = 256
 
 
-def _inline_only(values: Iterable[Any]) -> bool:
-    """Whether *values* are :data:`_INLINE` values, or lists, tuples, sets and
-    dicts of them (at most :data:`_SCAN_LIMIT` values in all): nothing the
-    sharing pickler would put in shared memory or send by handle."""
+def _inline_only(values: Iterable[Any], threshold: int) -> bool:
+    """Whether *values* are :data:`_INLINE` values, NumPy scalars, NumPy
+    arrays smaller than *threshold* bytes that are in no segment, or lists,
+    tuples, sets and dicts of them (at most :data:`_SCAN_LIMIT` values in
+    all): nothing the sharing pickler would put in shared memory or send by
+    handle."""
+    numpy = sys.modules.get("numpy")
+    ndarray = generic = None
+    if numpy is not None:
+        ndarray, generic = numpy.ndarray, numpy.generic
     pending = list(values)
     seen = len(pending)
     while pending:
@@ -1048,7 +1054,11 @@ def _inline_only(values: Iterable[Any]) -> bool:
                 return False
             pending.extend(value.keys())
             pending.extend(value.values())
-        else:
+        elif kind is ndarray:
+            if (value.nbytes >= threshold or value.dtype.hasobject
+                    or reduction.locate_array(value) is not None):
+                return False
+        elif generic is None or not issubclass(kind, generic):
             return False
     return seen <= _SCAN_LIMIT
 
@@ -1057,7 +1067,7 @@ def _inline_only(values: Iterable[Any]) -> bool:
 _BY_REFERENCE = frozenset({types.FunctionType, types.BuiltinFunctionType})
 
 
-def _plain(obj: Any) -> Any:
+def _plain(obj: Any, threshold: int) -> Any:
     """The call to send in place of executor call *obj* if its function and
     arguments can hold no buffer (a module's function; arguments of
     :func:`_inline_only`), else None.
@@ -1079,7 +1089,8 @@ def _plain(obj: Any) -> Any:
             sys.modules.get(fn.__module__), fn.__qualname__, None) is not fn:
         return None
     args, kwargs = obj.args, obj.kwargs
-    if (args and not _inline_only(args)) or (kwargs and not _inline_only(kwargs.values())):
+    if ((args and not _inline_only(args, threshold))
+            or (kwargs and not _inline_only(kwargs.values(), threshold))):
         return None
     return process._CallItem(obj.work_id, _Function(fn), args, kwargs)
 
@@ -1119,12 +1130,12 @@ def _find_function(module: str, name: str) -> Callable[..., Any]:
         return missing
 
 
-def _plain_result(obj: Any) -> bool:
+def _plain_result(obj: Any, threshold: int) -> bool:
     """Whether *obj* is an executor's result that holds nothing to share
     (see :func:`_inline_only`)."""
     return (type(obj) is concurrent.futures.process._ResultItem
             and obj.exception is None
-            and (type(obj.result) in _INLINE or _inline_only((obj.result,))))
+            and (type(obj.result) in _INLINE or _inline_only((obj.result,), threshold)))
 
 
 def _share_queue(queue: Any, sharing: _Sharing) -> None:
@@ -1135,7 +1146,7 @@ def _share_queue(queue: Any, sharing: _Sharing) -> None:
     original = type(queue).put
 
     def put(obj: Any, block: bool = True, timeout: Optional[float] = None) -> None:
-        plain = _plain(obj)
+        plain = _plain(obj, sharing.threshold)
         if plain is not None:
             original(queue, plain, block, timeout)
             return

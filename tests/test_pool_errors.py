@@ -27,6 +27,7 @@ import pytest
 from helpers import START_METHODS, exists, finish, popen_script, segment_of, wait_until
 
 import mpshm
+import mpshm.numpy as mnp
 
 MiB = 1 << 20
 BACKENDS = ["posix", "sysv"]  # where copies are made differently (file / System V)
@@ -111,6 +112,10 @@ def echo(*args: Any, **kwargs: Any) -> Any:
     return args, kwargs
 
 
+def fill_with(arr: Any, value: float) -> None:
+    arr[:] = value
+
+
 def ones(n: int) -> Any:
     return np.ones(n)
 
@@ -174,6 +179,15 @@ def test_plain_calls_behave_as_the_standard_librarys(kind, method):
         assert back[0] == 1 and back[1] is back
         held = ex.submit(echo, [np.ones(2 * MiB // 8)]).result(30)[0][0]
         assert held[0].sum() == 2 * MiB // 8 and held[0].flags.writeable
+        # Small arrays and NumPy scalars; but an array in a segment, even a
+        # small plain ndarray view of one, still goes by handle: the
+        # worker's write is seen here.
+        assert ex.submit(echo, np.arange(4.0), np.float32(2)).result(30)[0][1] == 2
+        shared = mnp.zeros(4)
+        view = shared.view(np.ndarray)
+        assert type(view) is np.ndarray
+        ex.submit(fill_with, view, 7.0).result(30)
+        assert list(shared) == [7.0] * 4
         # A bound method of a builtin object is no module's function: its
         # object goes by the sharing pickler (a memoryview cannot be pickled
         # otherwise).
