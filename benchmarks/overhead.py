@@ -9,7 +9,8 @@ Tasks with no large buffer, where mpshm's pools can only add cost:
   against ``mpshm.Pool(2)``;
 * ``pool.map(f, range(n))`` over many small items, the same two pools;
 * ``executor.submit(f).result()``, ``concurrent.futures.ProcessPoolExecutor(2)``
-  against ``mpshm.ProcessPoolExecutor(2)``;
+  against ``mpshm.ProcessPoolExecutor(2)``, also with a small argument (a list
+  of 10 ints, a NumPy array of 100 floats);
 
 and the lock-style named-segment cycle that libraries such as ``shmlock`` run
 tens of thousands of times: create a 16-byte segment under a name, a second
@@ -77,10 +78,10 @@ def map_calls(pool: Any, items: int) -> Callable[[int], None]:
     return run
 
 
-def submit_calls(executor: Any) -> Callable[[int], None]:
+def submit_calls(executor: Any, *args: Any) -> Callable[[int], None]:
     def run(n: int) -> None:
         for _ in range(n):
-            executor.submit(nothing).result()
+            executor.submit(nothing, *args).result()
 
     return run
 
@@ -199,6 +200,18 @@ def measure(repeat: int, calls: int, method: Optional[str], quick: bool) -> dict
             if backend in mpshm.backends.available():
                 rows.append(Row(f"named cycle, {backend}", "us/cycle", cycles,
                                 stdlib_cycle(name), mpshm_cycle(name, backend), None))
+        # Tasks with small arguments (no large buffer either).
+        small: list[tuple[str, Any]] = [("a list of 10 ints", list(range(10)))]
+        try:
+            import numpy as np
+        except ImportError:
+            pass
+        else:
+            small.append(("a float64[100] array", np.arange(100.0)))
+        for label, arg in small:
+            rows.append(Row(f"executor.submit(f, {label})", "us/call", calls,
+                            submit_calls(std_exec, arg), submit_calls(our_exec, arg),
+                            TASK_TARGET))
         for row in rows:
             row.warm_up()
         for r in range(repeat):
