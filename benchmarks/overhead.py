@@ -229,10 +229,12 @@ def measure(repeat: int, calls: int, method: Optional[str], quick: bool) -> dict
 
 
 def report(result: dict[str, Any]) -> None:
-    print(f"{'':<32} {'stdlib':>10} {'mpshm':>10} {'ratio':>7} {'best':>6}   ratios by round")
+    width = max(len(row["what"]) for row in result["rows"])
+    print(f"{'':<{width}} {'stdlib':>10} {'mpshm':>10} {'ratio':>7} {'best':>6}   "
+          "ratios by round")
     for row in result["rows"]:
         spread = " ".join(f"{x:.2f}" for x in row["ratios"])
-        print(f"{row['what']:<32} {row['stdlib_us']:8.1f}us {row['mpshm_us']:8.1f}us "
+        print(f"{row['what']:<{width}} {row['stdlib_us']:8.1f}us {row['mpshm_us']:8.1f}us "
               f"{row['ratio']:6.2f}x {row['best_ratio']:5.2f}x   {spread}")
     print("(ratio: median of the rounds' ratios; best: ratio of each side's quickest slice)")
     print("\n== targets (issue 16, case 6): mpshm / standard library, median of rounds")
@@ -242,7 +244,7 @@ def report(result: dict[str, Any]) -> None:
             continue
         verdict = "PASS" if row["pass"] else "FAIL"
         verdicts.append(row["pass"])
-        print(f"  {verdict}  {row['what']:<32} {row['ratio']:5.2f}x  (target <= "
+        print(f"  {verdict}  {row['what']:<{width}} {row['ratio']:5.2f}x  (target <= "
               f"{row['target']:.1f}x)")
     print(f"  {sum(verdicts)} of {len(verdicts)} targets hold")
 
