@@ -1033,9 +1033,9 @@ def _inline_only(values: Iterable[Any], threshold: int) -> bool:
     all): nothing the sharing pickler would put in shared memory or send by
     handle."""
     numpy = sys.modules.get("numpy")
-    ndarray = generic = None
+    ndarray = generic = void = None
     if numpy is not None:
-        ndarray, generic = numpy.ndarray, numpy.generic
+        ndarray, generic, void = numpy.ndarray, numpy.generic, numpy.void
     pending = list(values)
     seen = len(pending)
     while pending:
@@ -1058,8 +1058,8 @@ def _inline_only(values: Iterable[Any], threshold: int) -> bool:
             if (value.nbytes >= threshold or value.dtype.hasobject
                     or reduction.locate_array(value) is not None):
                 return False
-        elif generic is None or not issubclass(kind, generic):
-            return False
+        elif generic is None or not issubclass(kind, generic) or kind is void:
+            return False  # (a structured scalar may hold objects)
     return seen <= _SCAN_LIMIT
 
 
