@@ -8,6 +8,7 @@ a full filesystem still fails at creation with ENOSPC, never SIGBUS.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import re
@@ -102,12 +103,12 @@ def test_environment_variable_turns_it_on(
     assert _huge.MADV_HUGEPAGE not in calls
 
 
-@pytest.fixture
-def huge_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    """A private 8 MiB tmpfs mounted with huge=advise (root only)."""
-    point = tmp_path / "huge"
+@contextlib.contextmanager
+def tmpfs_at(point: Path, size: str) -> Iterator[Path]:
+    """A private tmpfs of *size* with huge=advise mounted at *point* (root
+    only; the test skips where it cannot be mounted)."""
     point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,huge=advise,mode=0700",
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},huge=advise,mode=0700",
                            "tmpfs", str(point)], capture_output=True, timeout=30)
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
@@ -115,6 +116,13 @@ def huge_tmpfs(tmp_path: Path) -> Iterator[Path]:
         yield point
     finally:
         subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def huge_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A private 8 MiB tmpfs mounted with huge=advise (root only)."""
+    with tmpfs_at(tmp_path / "huge", "8m") as point:
+        yield point
 
 
 def test_tmpfs_with_huge_advise_gives_huge_pages(huge_tmpfs: Path) -> None:
@@ -145,21 +153,13 @@ def test_doctor_and_the_backends_read_a_mount_alike(tmp_path: Path) -> None:
     mounts one way (mpshm._system)."""
     from mpshm.cli import doctor
 
-    point = tmp_path / "odd\\name\twith tab"
-    point.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,huge=advise,mode=0700",
-                           "tmpfs", str(point)], capture_output=True, timeout=30)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs_at(tmp_path / "odd\\name\twith tab", "4m") as point:
         with open("/proc/self/mounts") as f:
             assert "\\134" in f.read()  # the kernel escaped the backslash
         reported = doctor.check_thp_shmem(shm_dir=str(point)).detail["shm_dir_huge"]
         assert reported == "advise"
         if _huge.shmem_thp() not in ("deny", "force"):
             assert _huge.tmpfs_huge(str(point)) == reported
-    finally:
-        subprocess.run(["umount", "-l", str(point)], capture_output=True, timeout=30)
 
 
 def test_full_tmpfs_with_huge_pages_fails_at_creation(huge_tmpfs: Path) -> None:
