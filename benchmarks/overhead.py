@@ -86,32 +86,15 @@ def submit_calls(executor: Any, *args: Any) -> Callable[[int], None]:
     return run
 
 
-def stdlib_cycle(name: str) -> Callable[[int], None]:
-    SharedMemory = shared_memory.SharedMemory
+def named_cycle(SharedMemory: Any, name: str, **options: Any) -> Callable[[int], None]:
+    """The lock-style cycle with *SharedMemory* (the standard library's or
+    mpshm's, given *options*)."""
 
     def run(n: int) -> None:
         for _ in range(n):
-            shm = SharedMemory(name, create=True, size=16)
+            shm = SharedMemory(name, create=True, size=16, **options)
             try:
-                SharedMemory(name, create=True, size=16)
-            except FileExistsError:
-                pass
-            else:
-                raise AssertionError("the second create should have failed")
-            shm.close()
-            shm.unlink()
-
-    return run
-
-
-def mpshm_cycle(name: str, backend: str) -> Callable[[int], None]:
-    SharedMemory = mpshm.SharedMemory
-
-    def run(n: int) -> None:
-        for _ in range(n):
-            shm = SharedMemory(name, create=True, size=16, backend=backend)
-            try:
-                SharedMemory(name, create=True, size=16, backend=backend)
+                SharedMemory(name, create=True, size=16, **options)
             except FileExistsError:
                 pass
             else:
@@ -195,11 +178,14 @@ def measure(repeat: int, calls: int, method: Optional[str], quick: bool) -> dict
         rows.append(Row("executor.submit(f).result()", "us/call", calls,
                         submit_calls(std_exec), submit_calls(our_exec), TASK_TARGET))
         rows.append(Row("named cycle, posix (default)", "us/cycle", cycles,
-                        stdlib_cycle(name), mpshm_cycle(name, "posix"), CYCLE_TARGET))
+                        named_cycle(shared_memory.SharedMemory, name),
+                        named_cycle(mpshm.SharedMemory, name, backend="posix"), CYCLE_TARGET))
         for backend in ("sysv", "mmap"):
             if backend in mpshm.backends.available():
                 rows.append(Row(f"named cycle, {backend}", "us/cycle", cycles,
-                                stdlib_cycle(name), mpshm_cycle(name, backend), None))
+                                named_cycle(shared_memory.SharedMemory, name),
+                                named_cycle(mpshm.SharedMemory, name, backend=backend),
+                                None))
         # Tasks with small arguments (no large buffer either).
         small: list[tuple[str, Any]] = [("a list of 10 ints", list(range(10)))]
         try:

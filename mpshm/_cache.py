@@ -253,10 +253,12 @@ class _Mapped:
         self.last = time.monotonic()
 
 
-class MappingCache:
-    """Mappings of segments this process received, kept for the next message
-    that names them (least recently used first out, at most *limit* bytes,
-    none unused for more than *idle* seconds, none whose name is gone)."""
+class _Kept:
+    """Mappings (or buffers) kept for later messages, by key: least recently
+    kept first out, at most *limit* bytes, none unused for more than *idle*
+    seconds and none whose segment's name is gone (swept by the sweeper, or
+    at once by :meth:`reclaim`). Keys are ``(backend, ident)`` of a segment;
+    a backend ``""`` marks an entry that names no segment."""
 
     def __init__(self, limit: Optional[int] = None, idle: Optional[float] = None) -> None:
         self.limit = default_limit() if limit is None else limit
@@ -271,7 +273,7 @@ class MappingCache:
             collections.OrderedDict()
         )
         self._bytes = 0
-        self._ids: set[int] = set()  # id() of the cached owners
+        self._ids: set[int] = set()  # id() of the kept owners
         self._registered = False
         _reclaimable.add(self)
 
@@ -280,8 +282,83 @@ class MappingCache:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the mappings held."""
+        """Bytes held."""
         return self._bytes
+
+    def _keep(self, key: tuple[str, str], entry: _Mapped) -> None:
+        """Keep *entry* under *key* (in place of any other), then let go of
+        the least recently kept ones beyond :attr:`limit`."""
+        dropped = []
+        with self._lock:
+            old = self._entries.pop(key, None)
+            if old is not None:
+                self._forget(old)
+                dropped.append(old)
+            self._entries[key] = entry
+            self._ids.add(id(entry.owner))
+            self._bytes += entry.size
+            while self._bytes > self.limit and self._entries:
+                _, victim = self._entries.popitem(last=False)
+                self._forget(victim)
+                dropped.append(victim)
+            register = not self._registered
+            self._registered = True
+        if register:
+            _sweeper.add(self)
+        del dropped  # unmapped here, outside the lock
+
+    def _forget(self, entry: _Mapped) -> None:  # (lock held)
+        self._bytes -= entry.size
+        self._ids.discard(id(entry.owner))
+
+    def _pop(self, key: tuple[str, str]) -> Optional[_Mapped]:
+        """The entry under *key*, no longer kept."""
+        with self._lock:
+            entry = self._entries.pop(key, None)
+            if entry is not None:
+                self._forget(entry)
+        return entry
+
+    def _drop(self, key: tuple[str, str], entry: _Mapped) -> bool:
+        """Let go of *entry* if it is still the one under *key*."""
+        with self._lock:
+            if self._entries.get(key) is not entry:
+                return False
+            del self._entries[key]
+            self._forget(entry)
+        return True
+
+    def sweep(self, idle: Optional[float] = None) -> bool:
+        """Drop entries unused for more than *idle* seconds (default
+        :attr:`idle`), and mappings whose name is gone; True if any."""
+        now = time.monotonic()
+        idle = self.idle if idle is None else idle
+        with self._lock:
+            items = list(self._entries.items())
+        dropped = False
+        for (backend, ident), entry in items:
+            if now - entry.last > idle or (
+                backend and current_identity(backend, ident) != entry.identity
+            ):
+                dropped = self._drop((backend, ident), entry) or dropped
+        return dropped
+
+    def reclaim(self) -> bool:
+        """The storage is full: drop the mappings of segments whose names are
+        gone (a mapping keeps an unlinked segment's memory). True if any."""
+        return self.sweep(idle=float("inf"))
+
+    def clear(self) -> None:
+        """Drop every entry."""
+        with self._lock:
+            self._entries.clear()
+            self._ids.clear()
+            self._bytes = 0
+
+
+class MappingCache(_Kept):
+    """Mappings of segments this process received, kept for the next message
+    that names them (see :class:`_Kept`)."""
 
     def holds(self, owner: Any) -> bool:
         """Whether *owner* is one of the cached mappings."""
@@ -309,61 +386,7 @@ class MappingCache:
         """Keep *owner* (a mapping of *ident* with *identity*) for later."""
         if identity is None or size > self.limit:
             return
-        key = (backend, ident)
-        dropped = []
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.size
-                self._ids.discard(id(old.owner))
-            self._entries[key] = _Mapped(owner, size, identity)
-            self._ids.add(id(owner))
-            self._bytes += size
-            while self._bytes > self.limit and self._entries:
-                _, victim = self._entries.popitem(last=False)
-                self._bytes -= victim.size
-                self._ids.discard(id(victim.owner))
-                dropped.append(victim)
-            register = not self._registered
-            self._registered = True
-        if register:
-            _sweeper.add(self)
-        del dropped  # unmapped here, outside the lock
-
-    def _drop(self, key: tuple[str, str], entry: _Mapped) -> None:
-        with self._lock:
-            if self._entries.get(key) is entry:
-                del self._entries[key]
-                self._bytes -= entry.size
-                self._ids.discard(id(entry.owner))
-
-    def sweep(self) -> None:
-        """Drop entries unused for too long or whose name is gone."""
-        now = time.monotonic()
-        with self._lock:
-            items = list(self._entries.items())
-        for key, entry in items:
-            if now - entry.last > self.idle or current_identity(*key) != entry.identity:
-                self._drop(key, entry)
-
-    def reclaim(self) -> bool:
-        """The storage is full: drop the mappings of segments whose names are
-        gone (a mapping keeps an unlinked segment's memory). True if any."""
-        with self._lock:
-            items = list(self._entries.items())
-        dropped = False
-        for key, entry in items:
-            if current_identity(*key) != entry.identity:
-                self._drop(key, entry)
-                dropped = True
-        return dropped
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        with self._lock:
-            self._entries.clear()
-            self._ids.clear()
-            self._bytes = 0
+        self._keep((backend, ident), _Mapped(owner, size, identity))
 
 
 #: This process's cache of received mappings.
@@ -418,7 +441,7 @@ def anonymous(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
 
 
-class PrivateCopies:
+class PrivateCopies(_Kept):
     """Private memory that writable copies received by a pool's worker (task
     arguments) lived in, kept for the next message: copy-on-write mappings
     of segments (by segment), and, for storages that cannot map privately
@@ -428,44 +451,16 @@ class PrivateCopies:
     the last view of that copy is gone (:meth:`lease`); a mapping comes back
     only once :func:`scrub` has dropped what the copy wrote. So two copies
     never share memory, and a copy never shows what an earlier one wrote.
-    Bounded and swept as :class:`MappingCache`.
+    Bounded and swept as :class:`_Kept`.
     """
-
-    def __init__(self, limit: Optional[int] = None, idle: Optional[float] = None) -> None:
-        self.limit = default_limit() if limit is None else limit
-        self.idle = IDLE_SECONDS if idle is None else idle
-        self._reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._lock = threading.RLock()
-        # (backend, ident) of a segment's mapping, ("", size) of a buffer.
-        self._entries: collections.OrderedDict[tuple[str, str], _Mapped] = (
-            collections.OrderedDict()
-        )
-        self._bytes = 0
-        self._registered = False
-        _reclaimable.add(self)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the private memory held."""
-        return self._bytes
 
     def take(self, backend: str, ident: str, size: int) -> Optional[tuple[Any, Optional[str]]]:
         """(owner, identity) of the kept private mapping of segment *ident*
         (backend ``""``: of the kept buffer of *size* bytes), if there is one
         and the name still names the segment it maps; it is no longer kept."""
-        key = (backend, ident if backend else str(size))
-        with self._lock:
-            entry = self._entries.pop(key, None)
-            if entry is None:
-                return None
-            self._bytes -= entry.size
+        entry = self._pop((backend, ident if backend else str(size)))
+        if entry is None:
+            return None
         if entry.size != size or (
             backend and current_identity(backend, ident) != entry.identity
         ):
@@ -491,54 +486,7 @@ class PrivateCopies:
             backend and (identity is None or not scrub(owner, offset, nbytes))
         ):
             return
-        key = (backend, ident if backend else str(size))
-        dropped = []
-        with self._lock:
-            old = self._entries.pop(key, None)
-            if old is not None:
-                self._bytes -= old.size
-                dropped.append(old)
-            self._entries[key] = _Mapped(owner, size, identity)
-            self._bytes += size
-            while self._bytes > self.limit and self._entries:
-                _, victim = self._entries.popitem(last=False)
-                self._bytes -= victim.size
-                dropped.append(victim)
-            register = not self._registered
-            self._registered = True
-        if register:
-            _sweeper.add(self)
-        del dropped  # unmapped here, outside the lock
-
-    def sweep(self, idle: Optional[float] = None) -> bool:
-        """Drop entries unused for more than *idle* seconds (default
-        :attr:`idle`), and mappings whose name is gone; True if any."""
-        now = time.monotonic()
-        idle = self.idle if idle is None else idle
-        with self._lock:
-            items = list(self._entries.items())
-        dropped = False
-        for (backend, ident), entry in items:
-            if now - entry.last > idle or (
-                backend and current_identity(backend, ident) != entry.identity
-            ):
-                with self._lock:
-                    if self._entries.get((backend, ident)) is entry:
-                        del self._entries[(backend, ident)]
-                        self._bytes -= entry.size
-                        dropped = True
-        return dropped
-
-    def reclaim(self) -> bool:
-        """The storage is full: drop the mappings of segments whose names are
-        gone (a mapping keeps an unlinked segment's memory). True if any."""
-        return self.sweep(idle=float("inf"))
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+        self._keep((backend, ident if backend else str(size)), _Mapped(owner, size, identity))
 
 
 #: This process's kept private memory (see :class:`PrivateCopies`).

@@ -261,8 +261,8 @@ def _pid() -> int:
 def test_worker_handler_wakes_only_for_changes(method, monkeypatch):
     """The standard library's worker handler thread also waits on the result
     queue, which it never reads, so every result woke it four to five times
-    (until the result handler had taken it): a third of a small task's cost
-    in the parent. mpshm.Pool's wakes for what it acts on: a drained job
+    (until the result handler had taken it): about half the parent's CPU
+    time on a small task. mpshm.Pool's wakes for what it acts on: a drained job
     table (once per ``apply`` here), close, terminate, a worker's exit. Workers
     that exit (``maxtasksperchild=1``: after every task) are still replaced."""
     wakes = [0]

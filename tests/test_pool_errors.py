@@ -149,7 +149,7 @@ def test_plain_calls_behave_as_the_standard_librarys(kind, method):
     """Calls of a plain function with scalar arguments skip the sharing
     pickler (nothing in them can be shared): they must still give the
     standard library's results and errors, and anything else (a result with
-    a large array, an argument of a subclass) must still be shared."""
+    a large array, an argument of a subclass) must still arrive intact."""
     with executor(kind, method, "posix") as ex:
         assert ex.submit(pow, 2, 10).result(30) == 1024  # a builtin
         assert ex.submit(scaled, 3, by=0.5).result(30) == 1.5

@@ -427,16 +427,6 @@ def test_pickle_is_a_handle(backend: str) -> None:
         assert abs(len(pickle.dumps(large)) - len(pickle.dumps(small))) < 16
 
 
-def test_pickling_dead_object(backend: str) -> None:
-    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):
-        sl = ShareableList(range(10), backend=backend)
-        serialized = pickle.dumps(sl, protocol=protocol)
-        sl.shm.close()
-        sl.shm.unlink()
-        with pytest.raises(FileNotFoundError):
-            pickle.loads(serialized)
-
-
 def answer(proc: Any, queue: Any, timeout: float) -> Any:
     """What *proc* puts on *queue*; fails early if it dies without answering."""
     deadline = time.monotonic() + timeout
