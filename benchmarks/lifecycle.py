@@ -28,7 +28,7 @@ import sysv_ipc
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mpshm
-from mpshm._timing import median_time
+from mpshm.bench import median_time
 
 SMALL = 4096
 LARGE = 64 << 20

@@ -23,7 +23,7 @@ from typing import Any, Callable
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import mpshm
-from mpshm._timing import median_time
+from mpshm.bench import median_time
 
 CTX = multiprocessing.get_context("fork")
 ITEMS = [1, 2.5, True, None, "text", b"bytes", 7, 8, 9, 10]

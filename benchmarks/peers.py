@@ -72,14 +72,15 @@ sys.path.insert(0, HERE)
 import lifecycle  # noqa: E402
 
 import mpshm.numpy as shared_numpy  # noqa: E402
-from mpshm import _cache, reduction, tracking  # noqa: E402
+from mpshm import _mappings, _sysinfo, reduction, tracking  # noqa: E402
 from mpshm import pool as mpshm_pool  # noqa: E402
-from mpshm._poolbench import _give, _stdlib_attach, _stdlib_give, _sum  # noqa: E402
+from mpshm.bench.pool import _give, _stdlib_attach, _stdlib_give, _sum  # noqa: E402
 from mpshm.cli.bench import MIB, label, parse_size  # noqa: E402
+from mpshm.pool import sharing as mpshm_pool_sharing  # noqa: E402
 
 WORKERS = 2
 FILL = 1.0  # what the parent's arrays hold
-RESULT_FILL = 2.0  # what the workers' arrays hold (mpshm._poolbench)
+RESULT_FILL = 2.0  # what the workers' arrays hold (mpshm.bench.pool)
 PEERS = ("pool-pickle", "executor-pickle", "stdlib-shm", "joblib", "torch")
 SMALL_ARRAYS = 10_000
 #: Warm-up tasks per method and size: a pool reaches its steady state (warm
@@ -239,7 +240,7 @@ def copy_in(nbytes: int, backend: str, rounds: int) -> dict[str, float]:
     pool does with its warm segments)."""
     src = np.full(nbytes // 8, FILL)
     raw = memoryview(src).cast("B")
-    address = reduction.buffer_address(src)
+    address = _sysinfo.buffer_address(src)
     dst = np.empty_like(src)
     memcpy = _timed(lambda: None, lambda _: np.copyto(dst, src), rounds)
     carrier = reduction.Carrier(backend)
@@ -254,9 +255,9 @@ def copy_in(nbytes: int, backend: str, rounds: int) -> dict[str, float]:
 
     fresh_s = _timed(drop, fresh, rounds)
     drop()
-    sharing = mpshm_pool._Sharing(backend, reduction.DEFAULT_THRESHOLD, {})
+    sharing = mpshm_pool_sharing._Sharing(backend, reduction.DEFAULT_THRESHOLD, {})
     try:
-        lender = mpshm_pool._LoanCarrier(sharing, None)  # what a pool copies tasks with
+        lender = mpshm_pool_sharing._LoanCarrier(sharing, None)  # what a pool copies tasks with
 
         def give_back() -> None:  # the task is over and its worker let go
             warm = sharing.warm
@@ -447,7 +448,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                                       [MIB, 16 * MIB, 64 * MIB, 256 * MIB])
     backend = args.backends[0]
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} cores, "
-          f"{_cache.default_limit() >> 20} MiB warm-segment limit; medians of "
+          f"{_mappings.default_limit() >> 20} MiB warm-segment limit; medians of "
           f"{args.repeat} rounds\n")
     print("== lifecycle (mpshm against the raw library calls)")
     life = lifecycle.measure(args.repeat, calls=30 if args.quick else 300)

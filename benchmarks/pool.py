@@ -4,7 +4,7 @@
                               [--backends NAME ...] [--plot FILE.png] [--no-progress]
 
 The same as ``mpshm bench`` (``python -m mpshm bench``), which the installed
-package carries: the measuring is in ``mpshm/_poolbench.py`` (its docstring
+package carries: the measuring is in ``mpshm/bench/pool.py`` (``docs/cli.md``
 says what is measured and how), the options, progress display, table and
 chart in ``mpshm/cli/bench.py``. Progress goes to stderr, the table to stdout
 at the end.

@@ -20,6 +20,10 @@ Pools whose task arguments and results travel through shared memory
 NumPy arrays that live in shared memory are in :mod:`mpshm.numpy`.
 """
 
+import os
+import sys
+
+from . import reduction
 from .backends import get_default_backend, set_default_backend
 from .managers import SharedMemoryManager
 from .pool import Pool, ProcessPoolExecutor, get_context
@@ -37,3 +41,20 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def _numpy_reducers() -> bool:
+    """Register :mod:`mpshm.numpy`'s reducers (it does so when imported).
+    False, to be asked again, while it is being imported by a thread of the
+    process this one was forked from: that import would never finish here."""
+    module = sys.modules.get(f"{__name__}.numpy")
+    if (module is not None and reduction.initializing(module)
+            and getattr(module, "_imported_by", None) != os.getpid()):
+        return False
+    from . import numpy  # noqa: F401
+
+    return True
+
+
+# NumPy arrays that live in a segment pickle as handles once NumPy is in use.
+reduction.register_lazy("numpy", _numpy_reducers)

@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence, Unio
 
 from . import backends, tracking
 from . import shared_memory as _shm
-from ._tracker import start_time
+from ._sysinfo import start_time
 from .backends import Backend
 from .shared_memory import ShareableList, SharedMemory, _check_size
 

@@ -41,36 +41,48 @@ standard library's resource tracker as they were.
 from __future__ import annotations
 
 import copyreg
-import ctypes
+import functools
 import io
 import marshal
 import os
 import pickle
-import queue
-import socket
 import struct
 import sys
 import threading
+import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
-from . import _cache, backends, tracking
-
-if TYPE_CHECKING:
-    import numpy
-
-    from .backends import Backend
-    from .shared_memory import SharedMemory
+from . import _mappings, backends, tracking
+from ._mappings import find, note_mapping, note_private, reaper
+from ._sysinfo import buffer_address, check_machine, machine
+from .backends import Backend
+from .errors import HandleError
+from .shared_memory import (
+    Mapped,
+    SharedMemory,
+    _check_size,
+    _generate,
+    attach_mapping,
+    create_mapping,
+)
 
 __all__ = [
     "DEFAULT_THRESHOLD",
     "Carrier",
+    "Collector",
+    "Descriptor",
     "HandleError",
+    "Receiver",
     "Segment",
     "SharingPickler",
     "dumps",
+    "load_parts",
     "loads",
     "machine",
+    "receiver",
+    "register",
+    "register_lazy",
 ]
 
 #: Buffers of at least this many bytes are moved into shared memory.
@@ -82,162 +94,8 @@ _NOTE = b"MPSHM\x02"
 _LENGTH = struct.Struct("!Q")
 
 
-class HandleError(ValueError):
-    """A pickled handle cannot be used where it was unpickled."""
-
-
-def _boot_id() -> str:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
-_MACHINE = (socket.gethostname(), _boot_id())
-
-
-def machine() -> tuple[str, str]:
-    """This machine as handles record it: ``(host name, boot id)``.
-
-    The boot id (Linux) tells two machines of the same name apart, and a
-    machine from itself before a reboot, when no segment survives.
-    """
-    return _MACHINE
-
-
-def check_machine(made_on: Optional[tuple[str, str]], name: str) -> None:
-    """Raise :class:`HandleError` if a handle of segment *name* was made elsewhere."""
-    if made_on is None or made_on == _MACHINE or (
-        isinstance(made_on, (tuple, list)) and tuple(made_on) == _MACHINE
-    ):
-        return
-    if not (isinstance(made_on, (tuple, list)) and len(made_on) == 2
-            and all(isinstance(part, str) for part in made_on)):
-        raise HandleError(
-            f"invalid shared memory handle of {name!r}: its machine is {made_on!r}, "
-            "not (host name, boot id)"
-        )
-    there, here = made_on[0], _MACHINE[0]
-    if there == here:
-        there, here = f"{there} (boot {made_on[1]})", f"{here} (boot {_MACHINE[1]})"
-    raise HandleError(
-        f"the shared memory segment {name!r} lives on machine {there!r}, but its "
-        f"handle was unpickled on {here!r}: shared memory cannot cross machines. "
-        "Send the data itself (pickle it without mpshm, or copy the array), or run "
-        f"this code on {made_on[0]!r}."
-    )
-
-
 # --------------------------------------------------------------------------
 # Where this process's segments are mapped
-
-class _Py_buffer(ctypes.Structure):
-    _fields_ = [
-        ("buf", ctypes.c_void_p),
-        ("obj", ctypes.c_void_p),
-        ("len", ctypes.c_ssize_t),
-        ("itemsize", ctypes.c_ssize_t),
-        ("readonly", ctypes.c_int),
-        ("ndim", ctypes.c_int),
-        ("format", ctypes.c_char_p),
-        ("shape", ctypes.c_void_p),
-        ("strides", ctypes.c_void_p),
-        ("suboffsets", ctypes.c_void_p),
-        ("internal", ctypes.c_void_p),
-    ]
-
-
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
-_get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_Py_buffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
-_release_buffer.argtypes = [ctypes.POINTER(_Py_buffer)]
-_PyBUF_FULL_RO = 0x0100 | 0x0010 | 0x0008 | 0x0004  # strides, format, nd (read-only ok)
-
-
-def buffer_address(obj: Any) -> int:
-    """Address of the first byte of *obj*'s buffer (read-only buffers too)."""
-    view = _Py_buffer()
-    if _get_buffer(obj, ctypes.byref(view), _PyBUF_FULL_RO) != 0:  # pragma: no cover
-        raise BufferError("cannot get the buffer's address")
-    try:
-        return int(view.buf or 0)
-    finally:
-        _release_buffer(ctypes.byref(view))
-
-
-class _Region:
-    """One mapping of a segment in this process."""
-
-    __slots__ = ("address", "backend", "ident", "name", "shareable", "size")
-
-    def __init__(self, backend: str, ident: str, name: str, size: int, shareable: bool) -> None:
-        self.backend = backend
-        self.ident = ident
-        self.name = name
-        self.size = size
-        # False for copies received through the sharing pickler: their names
-        # go away while views live, so they are re-sent by copy, not by name.
-        self.shareable = shareable
-        self.address: Optional[int] = None
-
-
-# Reentrant: weakref callbacks (a slab freed, say) may run while it is held.
-_lock = threading.RLock()
-# Mapping owner (an mmap, a SysV attachment) -> where it is and what it maps
-# (private memory too: see _note_private).
-_regions: weakref.WeakKeyDictionary[Any, _Region] = weakref.WeakKeyDictionary()
-# (backend, ident) -> mapping owner, to reuse a live mapping on unpickling.
-_owners: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
-
-
-def _mapped(owner: Any) -> bool:
-    closed = getattr(owner, "closed", None)  # mmap
-    if closed is not None:
-        return not closed
-    attached = getattr(owner, "attached", None)  # sysv_ipc
-    return attached is None or bool(attached)
-
-
-def note_mapping(
-    owner: Any, backend: str, ident: str, name: str, size: int, shareable: bool = True
-) -> None:
-    """Record that *owner* (the object holding a mapping) maps segment *ident*."""
-    region = _Region(backend, ident, name, size, shareable)
-    with _lock:
-        _regions[owner] = region
-        if shareable or (backend, ident) not in _owners:
-            _owners[(backend, ident)] = owner
-
-
-def forget_mapping(owner: Any) -> None:
-    """*owner*'s segment is being destroyed: stop sending it by name."""
-    with _lock:
-        region = _regions.get(owner)
-        if region is not None:
-            region.shareable = False
-
-
-def find(address: int, nbytes: int) -> Optional[tuple[Any, _Region, int]]:
-    """The live, shareable mapping holding ``[address, address + nbytes)``:
-    ``(owner, region, offset)``, or None."""
-    if not _regions:
-        return None
-    with _lock:
-        items = list(_regions.items())
-    for owner, region in items:
-        if not region.shareable or not _mapped(owner):
-            continue
-        if region.address is None:
-            try:
-                region.address = buffer_address(owner)
-            except (BufferError, ValueError, TypeError):
-                continue
-        offset = address - region.address
-        if offset >= 0 and offset + nbytes <= region.size:
-            return owner, region, offset
-    return None
-
 
 def attach_owner(
     backend: str, ident: str, name: str, size: int, made_on: Optional[tuple[str, str]],
@@ -245,7 +103,7 @@ def attach_owner(
 ) -> Any:
     """The object holding a mapping of segment *ident*: this process's live
     one if there is one, else (with *cache*) one kept from an earlier
-    message (see :class:`mpshm._cache.MappingCache`), else a new attachment's
+    message (see :class:`mpshm._mappings.MappingCache`), else a new attachment's
     (kept for later with *cache*)."""
     check_machine(made_on, name)
     if not (isinstance(backend, str) and isinstance(ident, str)
@@ -254,231 +112,24 @@ def attach_owner(
             f"invalid shared memory handle: its name {name!r} does not name its segment "
             f"{ident!r} ({backend!r} backend); it was forged or damaged"
         )
-    with _lock:
-        owner = _owners.get((backend, ident))
-    if owner is not None and _mapped(owner):
-        region = _regions.get(owner)
-        if region is not None and region.size == size:
-            if not _cache.mappings.holds(owner):
-                return owner
-            # Kept alive by the cache, maybe past its name's reuse: check.
-            if _cache.mappings.get(backend, ident, size) is owner:
-                return owner
-            with _lock:
-                if _owners.get((backend, ident)) is owner:
-                    del _owners[(backend, ident)]
+    owner = _mappings.live_owner(backend, ident, size)
+    if owner is not None:
+        return owner
     if cache:
-        owner = _cache.mappings.get(backend, ident, size)
+        owner = _mappings.mappings.get(backend, ident, size)
         if owner is not None:
             return owner
-    from .shared_memory import SharedMemory
-
-    shm = SharedMemory._from_handle(backend, ident, name, size)
-    owner = shm._owner()
-    identity = None if shm._attachment is None else shm._attachment.identity
-    note_mapping(owner, backend, ident, name, size, shareable)
-    shm._forget_attachment()  # the owner, referenced by the views, keeps the mapping
+    mapped = attach_mapping(backend, ident, name, size)
+    note_mapping(mapped.owner, backend, ident, name, size, shareable)
     if cache:
-        _cache.mappings.put(backend, ident, size, owner, identity)
-    return owner
-
-
-# --------------------------------------------------------------------------
-# NumPy arrays that live in a segment
-
-class _ArrayHandle(NamedTuple):
-    backend: str
-    ident: str
-    name: str
-    size: int
-    machine: tuple[str, str]
-    offset: int
-    shape: tuple[int, ...]
-    strides: tuple[int, ...]
-    dtype: Any
-    writable: bool
-    #: The receiver takes the segment over (see ``_Collector._hand_over``).
-    given: bool = False
-
-
-def _array_bounds(arr: numpy.ndarray) -> tuple[int, int, int]:
-    """(data address, lowest byte, extent in bytes) of *arr*."""
-    data = int(arr.__array_interface__["data"][0])
-    low = high = 0
-    for n, stride in zip(arr.shape, arr.strides):
-        if n == 0:
-            return data, data, 0
-        if stride < 0:
-            low += (n - 1) * stride
-        else:
-            high += (n - 1) * stride
-    return data, data + low, high - low + arr.itemsize
-
-
-def locate_array(arr: numpy.ndarray) -> Optional[tuple[_ArrayHandle, Any]]:
-    """A handle for *arr* and the owner of its mapping, if its memory lies
-    in a segment (else None)."""
-    if arr.dtype.hasobject:
-        return None
-    data, low, extent = _array_bounds(arr)
-    if extent == 0:
-        return None
-    found = find(low, extent)
-    if found is None:
-        return None
-    owner, region, low_offset = found
-    handle = _ArrayHandle(
-        region.backend, region.ident, region.name, region.size, _MACHINE,
-        low_offset + (data - low), tuple(arr.shape), tuple(arr.strides), arr.dtype,
-        bool(arr.flags.writeable),
-    )
-    return handle, owner
-
-
-def array_handle(arr: numpy.ndarray) -> Optional[_ArrayHandle]:
-    """A handle for *arr* if its memory lies in a segment (else None)."""
-    located = locate_array(arr)
-    return None if located is None else located[0]
-
-
-def destroy_name(backend: str, ident: str) -> None:
-    """Destroy the name of a segment this process owns (or took over), and
-    stop tracking it; a name already gone is fine."""
-    try:
-        backends.get(backend).unlink(ident)
-    except (FileNotFoundError, PermissionError):
-        pass
-    tracking.unregister(backend, ident)
-
-
-class _Reaper:
-    """Destroys segments in a thread of its own: those this process took over
-    (a pool's results) once its last view of each is gone, and those a pool
-    lent to a task once the task is done.
-
-    Why not at once, in the caller's thread: a segment's pages are freed when
-    both its name and its last mapping are gone, whichever goes last, and
-    freeing a large segment takes a while (about 0.2 s per GiB of /dev/shm
-    here). Doing it in this thread keeps that off the path of the result the
-    caller waits for. The segments stay registered with a tracker meanwhile,
-    so a crash leaks nothing; :meth:`drain` does what is queued at once.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        # A forked child starts without the thread and without the parent's
-        # segments (they are the parent's to destroy).
-        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = (
-            queue.SimpleQueue()
-        )
-        self._thread: Optional[threading.Thread] = None
-        self._lock = threading.RLock()
-        self._watched: set[tuple[str, str]] = set()
-        self._idle = threading.Condition(threading.Lock())
-        self._busy = 0  # jobs the thread is doing now
-
-    def watch(self, owner: Any, backend: str, ident: str) -> None:
-        """Destroy *ident*'s name once *owner* (this process's mapping) is gone."""
-        with self._lock:
-            if (backend, ident) in self._watched:
-                return
-            self._watched.add((backend, ident))
-        finalizer = weakref.finalize(owner, self.later, self._unwatch, backend, ident)
-        finalizer.atexit = False  # at exit the tracker takes care of it
-
-    def _unwatch(self, backend: str, ident: str) -> None:
-        with self._lock:
-            self._watched.discard((backend, ident))
-        destroy_name(backend, ident)
-
-    def later(self, job: Callable[..., None], *args: Any) -> None:
-        """Run ``job(*args)`` in the reaper's thread."""
-        self._queue.put((job, args))
-        with self._lock:
-            if self._thread is not None:
-                return
-            thread = threading.Thread(target=self._run, name="mpshm-reaper", daemon=True)
-            try:
-                thread.start()
-            except RuntimeError:  # interpreter shutting down: do it here
-                self.drain()
-                return
-            self._thread = thread
-
-    def pending(self) -> bool:
-        """Whether something is queued or being done."""
-        return self._busy > 0 or not self._queue.empty()
-
-    def drain(self) -> None:
-        """Run what is queued now, in this thread, and wait (a few seconds
-        at most) for what the reaper's thread is doing."""
-        while True:
-            try:
-                job, args = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            self._run_one(job, args)
-        if threading.current_thread() is not self._thread:
-            with self._idle:
-                self._idle.wait_for(lambda: self._busy == 0, 5.0)
-
-    @staticmethod
-    def _run_one(job: Callable[..., None], args: tuple[Any, ...]) -> None:
-        try:
-            job(*args)
-        except Exception:  # never let the thread die; the tracker is the backstop
-            pass
-
-    def _run(self) -> None:
-        while True:
-            job = self._queue.get()
-            with self._idle:
-                self._busy += 1
-            try:
-                self._run_one(*job)
-            finally:
-                with self._idle:
-                    self._busy -= 1
-                    self._idle.notify_all()
-            del job
-
-
-#: The process's reaper (see :class:`_Reaper`).
-reaper = _Reaper()
-
-
-def rebuild_array(handle: _ArrayHandle) -> numpy.ndarray:
-    """Unpickle an array handle: a zero-copy view of the segment."""
-    from .numpy import SharedArray
-
-    if not (isinstance(handle.offset, int) and 0 <= handle.offset <= handle.size):
-        raise HandleError(
-            f"invalid array handle: offset {handle.offset!r} is not within the "
-            f"{handle.size!r} bytes of segment {handle.name!r}"
-        )
-    owner = attach_owner(
-        handle.backend, handle.ident, handle.name, handle.size, handle.machine,
-        shareable=not handle.given, cache=_cache.receiving.active and not handle.given,
-    )
-    if handle.given:
-        reaper.watch(owner, handle.backend, handle.ident)
-    arr = SharedArray(
-        handle.shape, handle.dtype, buffer=memoryview(owner), offset=handle.offset,
-        strides=handle.strides,
-    )
-    if not handle.writable:
-        arr.flags.writeable = False
-    return arr
+        _mappings.mappings.put(backend, ident, size, mapped.owner, mapped.identity)
+    return mapped.owner
 
 
 # --------------------------------------------------------------------------
 # The sharing pickler
 
-class _Descriptor(NamedTuple):
+class Descriptor(NamedTuple):
     """An out-of-band buffer: which segment holds it and who owns it."""
 
     backend: str
@@ -505,15 +156,14 @@ class Segment(NamedTuple):
     size: int
 
     @classmethod
-    def of(cls, shm: SharedMemory) -> Segment:
-        """The segment *shm* maps."""
-        assert shm._backend is not None and shm._ident is not None
-        return cls(shm._backend, shm._ident, shm.name, shm.size)
+    def of(cls, mapped: Mapped) -> Segment:
+        """The segment *mapped* maps."""
+        return cls(mapped.backend, mapped.ident, mapped.name, mapped.size)
 
-    def descriptor(self, offset: int, nbytes: int, readonly: bool, kind: str) -> _Descriptor:
+    def descriptor(self, offset: int, nbytes: int, readonly: bool, kind: str) -> Descriptor:
         """How a receiver finds *nbytes* at *offset* in this segment."""
-        return _Descriptor(
-            self.backend.name, self.ident, self.name, self.size, _MACHINE, offset, nbytes,
+        return Descriptor(
+            self.backend.name, self.ident, self.name, self.size, machine(), offset, nbytes,
             readonly, kind,
         )
 
@@ -535,7 +185,6 @@ class Carrier:
         self, backend: Optional[str] = None, threshold: int = DEFAULT_THRESHOLD,
         **options: Any,
     ) -> None:
-        from .shared_memory import _check_size
 
         self.threshold = _check_size(threshold)
         self.backend, _ = backends.resolve(None, backend, options)
@@ -546,25 +195,25 @@ class Carrier:
         """Where new segments are registered (see ``shared_memory._generate``)."""
         return tracking
 
+    def abandon(self, pickler: SharingPickler) -> None:
+        """The message *pickler* was pickling will not be sent: destroy the
+        segments made for it."""
+        discard(pickler.made, self.registry())
+
     def kind_of(self, segment: Segment) -> str:
         """Who destroys *segment* (returned by :meth:`carry`): ``"give"``,
         ``"loan"``, or ``"spare"`` for a segment the receiver lent to this
         process to write into (not this carrier's to destroy)."""
         return self.kind
 
-    def new_segment(self, nbytes: int) -> SharedMemory:
+    def new_segment(self, nbytes: int) -> Mapped:
         """A fresh, mapped segment of *nbytes* bytes, registered with :meth:`registry`."""
-        from .shared_memory import SharedMemory
-
-        shm = SharedMemory._create_in(self.registry(), nbytes, self.backend, self.options)
-        shm._note()
-        return shm
+        return create_mapping(nbytes, self.backend, self.options, self.registry())
 
     def carry(self, raw: memoryview, address: int) -> tuple[Segment, int]:
         """Copy *raw* (whose first byte is at *address*) into a fresh segment
         (written, not mapped: see :meth:`~mpshm.backends.Backend.create_from`);
         return it and the offset there."""
-        from .shared_memory import _generate
 
         backend, options = self.backend, self.options
 
@@ -575,22 +224,81 @@ class Carrier:
         return Segment(backend, ident, backend.qualified(ident), raw.nbytes), 0
 
 
-_SharedMemory: Optional[type] = None
+# --------------------------------------------------------------------------
+# Reducers of other types
+
+#: Reducers added with :func:`register`, by exact type (replaced, never
+#: changed in place: picklers being made read it without a lock).
+_reducers: dict[type, Callable[[Any, Any], Any]] = {}
+#: Loaders that register reducers, by the top-level module whose import they
+#: wait for (see :func:`register_lazy`).
+_lazy: dict[str, Callable[[], Optional[bool]]] = {}
+_lazy_lock = threading.RLock()
+_version = 0
 
 
-def _shared_memory_type() -> type:
-    """:class:`mpshm.SharedMemory` (imported on first use: it imports this module)."""
-    global _SharedMemory
-    if _SharedMemory is None:
-        from .shared_memory import SharedMemory
-
-        _SharedMemory = SharedMemory
-    return _SharedMemory
+def _new_lazy_lock() -> None:
+    # A child forked while another thread held the lock would wait forever.
+    global _lazy_lock
+    _lazy_lock = threading.RLock()
 
 
-class _Collector:
+os.register_at_fork(after_in_child=_new_lazy_lock)
+
+
+def register(cls: type, reducer: Callable[[Collector, Any], Any]) -> None:
+    """Make every :class:`SharingPickler` made from now on reduce objects of
+    exactly type *cls* with ``reducer(collector, obj)``, which returns what
+    :meth:`object.__reduce__` would. The :class:`Collector` lets it send a
+    buffer by handle (``collector.kept``) or copy it into a segment
+    (``collector.carrier``). Registering a type again replaces its reducer.
+    :mod:`mpshm.numpy` registers NumPy arrays this way."""
+    global _reducers, _version
+    with _lazy_lock:
+        _reducers = {**_reducers, cls: reducer}
+        _version += 1
+
+
+def register_lazy(module: str, loader: Callable[[], Optional[bool]]) -> None:
+    """Call *loader* (which calls :func:`register`) when the first pickler is
+    made after *module* (a top-level module, ``"numpy"``) has been imported
+    by someone: programs that never use it never pay for its reducers. A
+    loader that returns False is asked again for the next pickler."""
+    with _lazy_lock:
+        _lazy[module] = loader
+
+
+def initializing(module: Any) -> bool:
+    """Whether *module* (in :data:`sys.modules`) is still being imported."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+def _load_lazy() -> None:
+    if not _lazy:
+        return
+    with _lazy_lock:  # (others wait here until the reducers are registered)
+        for name in list(_lazy):
+            module = sys.modules.get(name)
+            # Not while it is being imported: by a thread of this process (its
+            # objects are not in use yet) or, in a child forked meanwhile, by
+            # a thread that is gone (importing anything of it would hang).
+            if module is None or initializing(module):
+                continue
+            try:
+                done = _lazy[name]() is not False
+            except Exception as exc:  # pickling goes on without those reducers
+                warnings.warn(f"mpshm could not load its reducers for {name}: {exc!r}",
+                              RuntimeWarning, stacklevel=3)
+                done = True
+            if done:
+                del _lazy[name]
+
+
+class Collector:
     """What a :class:`SharingPickler` adds to pickling: the out-of-band
-    buffer callback and the reducers of the types it handles itself.
+    buffer callback, the reducers of the types it handles itself, and what
+    reducers (see :func:`register`) report: segments made (:attr:`made`)
+    and objects sent by reference (:attr:`kept`).
 
     A separate object, so that the pickler is not in a reference cycle with
     its own bound methods (the garbage collector clearing memoryviews with
@@ -599,7 +307,7 @@ class _Collector:
 
     def __init__(self, carrier: Carrier) -> None:
         self.carrier = carrier
-        self.descriptors: list[_Descriptor] = []
+        self.descriptors: list[Descriptor] = []
         self.made: list[Segment] = []
         #: Objects whose segments were sent by reference: a pool keeps them
         #: alive until the task is done (an owned array would destroy its
@@ -610,17 +318,13 @@ class _Collector:
         """Reducers by exact type, for the pickler's dispatch table. (A table
         rather than ``reducer_override``, which CPython would call for every
         object of every other non-builtin type too: 3-4x slower pickling of
-        many small objects.) NumPy counts only if something imported it."""
+        many small objects.)"""
         table: dict[type, Callable[[Any], Any]] = {
             memoryview: self._reduce_memoryview,
-            _shared_memory_type(): self._reduce_shared_memory,
+            SharedMemory: self._reduce_shared_memory,
         }
-        np = sys.modules.get("numpy")
-        if np is not None:
-            table[np.ndarray] = self._reduce_array
-        shared = sys.modules.get("mpshm.numpy")
-        if shared is not None:  # its own __reduce_ex__ would not keep it alive
-            table[shared.SharedArray] = self._reduce_array
+        for cls, reducer in _reducers.items():
+            table[cls] = functools.partial(reducer, self)
         return table
 
     @staticmethod
@@ -630,73 +334,6 @@ class _Collector:
     def _reduce_shared_memory(self, shm: SharedMemory) -> Any:
         self.kept.append(shm)
         return shm.__reduce__()
-
-    def _reduce_array(self, arr: numpy.ndarray) -> Any:
-        """A handle for an array in a segment; a large non-contiguous one is
-        copied straight into a segment; the rest as NumPy pickles it."""
-        located = locate_array(arr)
-        if located is not None:
-            handle, owner = located
-            if self.carrier.hands_over:
-                copied = self._copy_from_slab(arr, owner)
-                if copied is not None:
-                    return copied
-            self.kept.append(arr)
-            if self.carrier.hands_over and self._hand_over(owner, handle):
-                handle = handle._replace(given=True)
-            return rebuild_array, (handle,)
-        if (
-            arr.nbytes >= self.carrier.threshold
-            and not arr.dtype.hasobject
-            and not (arr.flags.c_contiguous or arr.flags.f_contiguous)
-        ):
-            # NumPy would copy it into the pickle with tobytes(): copy it
-            # once, straight into a segment, instead.
-            import numpy as np
-
-            shm = self.carrier.new_segment(arr.nbytes)
-            self.made.append(Segment.of(shm))
-            dst = np.ndarray(arr.shape, arr.dtype, buffer=shm._buf)
-            np.copyto(dst, arr)
-            dst.flags.writeable = bool(arr.flags.writeable)  # as the copy arrives
-            shm._forget_attachment()  # dst keeps the mapping while pickled
-            buffer = pickle.PickleBuffer(dst)  # type: ignore[arg-type]
-            return _rebuild_contiguous, (buffer, arr.dtype, arr.shape)
-        return arr.__reduce_ex__(5)
-
-    def _hand_over(self, owner: Any, handle: _ArrayHandle) -> bool:
-        """Give the receiver a segment this process owns (an array of
-        :mod:`mpshm.numpy`, returned by a pool's task, say): it would
-        otherwise be destroyed when the sender drops the array, maybe before
-        the receiver attaches it."""
-        numpy_module = sys.modules.get("mpshm.numpy")
-        finalizer = None if numpy_module is None else numpy_module._owned.pop(owner, None)
-        if finalizer is None:
-            return False
-        finalizer.detach()
-        forget_mapping(owner)  # this process's later pickles copy it
-        chosen = backends.get(handle.backend)  # (made here: a claim proves it on SysV)
-        self.carrier.registry().register(chosen, handle.ident,
-                                         chosen.claim_identity(handle.ident, os.getpid()))
-        return True
-
-    def _copy_from_slab(self, arr: numpy.ndarray, owner: Any) -> Any:
-        """Reduce a small :mod:`mpshm.numpy` array that this process keeps in
-        a slab shared with its other small arrays (a pool worker's result,
-        say) by value: the slab cannot be handed over, and the chunk is reused
-        once the sender drops the array. Below the threshold it goes inline;
-        from it on, as a copy in a segment of its own, handed over. None if
-        *owner* is not such a slab."""
-        slabs = sys.modules.get("mpshm._slab")
-        if slabs is None or not slabs.owns(owner):
-            return None
-        import numpy as np
-
-        if arr.nbytes >= self.carrier.threshold:
-            copy = sys.modules["mpshm.numpy"]._dedicated_copy(arr, owner)
-            if copy is not None:
-                return self._reduce_array(copy)
-        return np.asarray(arr).view(np.ndarray).__reduce_ex__(5)
 
     def __call__(self, buffer: pickle.PickleBuffer) -> bool:
         raw = buffer.raw()
@@ -713,8 +350,8 @@ class _Collector:
                 kind = self.carrier.kind  # a copy made by _reduce_array
             else:
                 self.kept.append(raw.obj)
-            self.descriptors.append(_Descriptor(
-                region.backend, region.ident, region.name, region.size, _MACHINE,
+            self.descriptors.append(Descriptor(
+                region.backend, region.ident, region.name, region.size, machine(),
                 offset, nbytes, raw.readonly, kind,
             ))
             return False
@@ -735,18 +372,19 @@ class SharingPickler(pickle.Pickler):
     to :func:`envelope`, and read the result with :func:`loads`.
     :func:`dumps` does all of it in one step. *dispatch_table* is the table
     of reducers to start from (default: :mod:`copyreg`'s); the pickler adds
-    its own for ``memoryview``, ``SharedMemory`` and ``numpy.ndarray``.
+    its own for ``memoryview`` and ``SharedMemory``, and those :func:`register` added.
     """
 
     def __init__(
         self, file: Any, carrier: Carrier,
         dispatch_table: Optional[Mapping[Any, Any]] = None,
     ) -> None:
-        self._collector = _Collector(carrier)
+        self._collector = Collector(carrier)
         super().__init__(file, protocol=5, buffer_callback=self._collector)
         self.carrier = carrier
         table = dict(copyreg.dispatch_table if dispatch_table is None else dispatch_table)
-        self._numpy = (sys.modules.get("numpy"), sys.modules.get("mpshm.numpy"))
+        _load_lazy()
+        self._version = _version
         table.update(self._collector.reducers())
         self.dispatch_table = table
 
@@ -764,14 +402,15 @@ class SharingPickler(pickle.Pickler):
     def reuse(self, carrier: Carrier) -> bool:
         """Make a pickler let go of by :meth:`finish` ready for another
         message carried by *carrier*; False if it cannot be (a type it has a
-        reducer for was imported since: NumPy)."""
-        if self._numpy != (sys.modules.get("numpy"), sys.modules.get("mpshm.numpy")):
+        reducer for was registered since: NumPy's, say)."""
+        _load_lazy()
+        if self._version != _version:
             return False
         self._collector.carrier = self.carrier = carrier
         return True
 
     @property
-    def descriptors(self) -> list[_Descriptor]:
+    def descriptors(self) -> list[Descriptor]:
         """One per out-of-band buffer, in order."""
         return self._collector.descriptors
 
@@ -793,18 +432,12 @@ def _rebuild_memoryview(buffer: Any, fmt: str, shape: tuple[int, ...]) -> memory
     return view
 
 
-def _rebuild_contiguous(buffer: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
-    import numpy as np
-
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
 def envelope(
-    main: bytes, descriptors: list[_Descriptor], about: Any = None, extra: Any = None,
+    main: bytes, descriptors: list[Descriptor], about: Any = None, extra: Any = None,
 ) -> bytes:
     """The bytes :func:`loads` reads: *main* alone if there are no descriptors
     and nothing said *about* the message (what a pool substitutes for it if
-    it cannot be unpickled; see :func:`split`) and no *extra* (a pool's
+    it cannot be unpickled; see :func:`split_message`) and no *extra* (a pool's
     bookkeeping of warm segments; see :func:`split_message`)."""
     if not descriptors and extra is None:
         if about is None:
@@ -834,7 +467,7 @@ def dumps(
     carrier = Carrier(backend, threshold, **options)
     file = io.BytesIO()
     pickler = SharingPickler(file, carrier)
-    dump(pickler, obj, lambda failed: discard(failed.made, tracking))
+    dump(pickler, obj, carrier.abandon)
     return envelope(file.getvalue(), pickler.descriptors)
 
 
@@ -877,76 +510,79 @@ def discard(made: list[Segment], registry: Any) -> None:
         finally:
             registry.unregister(segment.backend.name, segment.ident)
     if made:
-        _cache.destroyed()
+        _mappings.destroyed()
 
 
-def _take(descriptor: _Descriptor) -> memoryview:
-    """Map an out-of-band buffer; take ownership of it if it is given."""
-    offset, nbytes, size = descriptor.offset, descriptor.nbytes, descriptor.size
-    if not (
-        isinstance(offset, int) and isinstance(nbytes, int) and isinstance(size, int)
-        and 0 <= offset <= offset + nbytes <= size
-    ):
-        # Slicing would silently clamp (or count from the end): refuse instead.
-        raise HandleError(
-            f"invalid shared memory handle: {nbytes!r} bytes at offset {offset!r} do not "
-            f"lie within the {size!r} bytes of segment {descriptor.name!r}"
-        )
-    kind = descriptor.kind
-    receiving = _cache.receiving
-    warm = receiving.warm
-    if warm is not None and kind in ("give", "spare"):
-        # A pool's parent receiving a result: its segment joins the pool's
-        # warm segments once the result's last view is gone.
-        check_machine(descriptor.machine, descriptor.name)
-        entry = warm.find(descriptor.backend, descriptor.ident)
-        if entry is None:
-            if kind == "spare":
-                raise HandleError(
-                    f"invalid shared memory handle: {descriptor.name!r} is not a segment "
-                    "this pool lent"
-                )
-            owner = attach_owner(
-                descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
-                descriptor.machine, shareable=False,
+class Receiver:
+    """How this process takes the out-of-band buffers of a message it
+    unpickles (see :func:`load_parts`). This one, the default, keeps nothing
+    for later messages; a pool passes its own, which keeps mappings
+    (:attr:`cache`), records the leases of its workers' arguments
+    (:attr:`leases`) and keeps the segments of its parent's results
+    (:meth:`adopt`)."""
+
+    #: Keep mappings of segments for later messages naming them again
+    #: (:class:`mpshm._mappings.MappingCache`).
+    cache = False
+    #: Where the leases of lent buffers are recorded (a pool's worker
+    #: reports them gone with its next result), or None.
+    leases: Optional[list[tuple[str, str, Any]]] = None
+
+    def adopt(self, descriptor: Descriptor) -> Optional[memoryview]:
+        """A view of a buffer whose segment the sender gives to this process
+        (kind ``give``) or wrote into for it (``spare``), if this receiver
+        keeps such segments itself (a pool's parent, for reuse); None to take
+        it the default way."""
+        return None
+
+    def take(self, descriptor: Descriptor) -> memoryview:
+        """Map an out-of-band buffer; take ownership of it if it is given."""
+        offset, nbytes, size = descriptor.offset, descriptor.nbytes, descriptor.size
+        if not (
+            isinstance(offset, int) and isinstance(nbytes, int) and isinstance(size, int)
+            and 0 <= offset <= offset + nbytes <= size
+        ):
+            # Slicing would silently clamp (or count from the end): refuse instead.
+            raise HandleError(
+                f"invalid shared memory handle: {nbytes!r} bytes at offset {offset!r} do not "
+                f"lie within the {size!r} bytes of segment {descriptor.name!r}"
             )
-            entry = warm.add(
-                Segment(backends.get(descriptor.backend), descriptor.ident,
-                        descriptor.name, descriptor.size),
-                owner,
+        kind = descriptor.kind
+        if kind in ("give", "spare"):
+            adopted = self.adopt(descriptor)
+            if adopted is not None:
+                return adopted
+        if kind == "spare":
+            raise HandleError(
+                f"invalid shared memory handle: {descriptor.name!r} was lent by a pool to "
+                "its workers and cannot be read here"
             )
-        warm.result_size(nbytes)
-        return warm.lease(entry, offset, nbytes, descriptor.readonly)
-    if kind == "spare":
-        raise HandleError(
-            f"invalid shared memory handle: {descriptor.name!r} was lent by a pool to "
-            "its workers and cannot be read here"
+        if kind != "ref" and not descriptor.readonly:
+            return _private(descriptor, self.leases if kind == "loan" else None)
+        owner = attach_owner(
+            descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
+            descriptor.machine, shareable=kind == "ref", cache=self.cache and kind != "give",
         )
-    if kind != "ref" and not descriptor.readonly:
-        return _private(descriptor, receiving.leases if kind == "loan" else None)
-    cache = receiving.active and kind != "give"
-    owner = attach_owner(
-        descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
-        descriptor.machine, shareable=kind == "ref", cache=cache,
-    )
-    if kind == "give":
-        reaper.watch(owner, descriptor.backend, descriptor.ident)
-    leases = receiving.leases
-    if kind == "loan" and leases is not None:
-        # The sender reuses the segment once this process reports the lease gone.
-        owned = _cache.lease(owner, offset, nbytes)
-        leases.append((descriptor.backend, descriptor.ident, weakref.ref(owned)))
-        return _cache.lease_view(owned, descriptor.readonly)
-    view = memoryview(owner)[offset : offset + nbytes]
-    return view.toreadonly() if descriptor.readonly else view
+        if kind == "give":
+            reaper.watch(owner, descriptor.backend, descriptor.ident)
+        leases = self.leases
+        if kind == "loan" and leases is not None:
+            # The sender reuses the segment once this process reports the lease gone.
+            owned = _mappings.lease(owner, offset, nbytes)
+            leases.append((descriptor.backend, descriptor.ident, weakref.ref(owned)))
+            return _mappings.lease_view(owned, descriptor.readonly)
+        view = memoryview(owner)[offset : offset + nbytes]
+        return view.toreadonly() if descriptor.readonly else view
 
 
-def _note_private(owner: Any, backend: str, ident: str, name: str, size: int) -> None:
-    """Record that private memory *owner* (a private mapping, or a copy of
-    *size* bytes) came from segment *ident*: never sent by reference, never
-    reused for another message naming the segment."""
-    with _lock:
-        _regions[owner] = _Region(backend, ident, name, size, False)
+_default_receiver = Receiver()
+_receiving = threading.local()
+
+
+def receiver() -> Receiver:
+    """The receiver of the message this thread is unpickling (for the
+    rebuild functions of registered reducers), or the default one."""
+    return getattr(_receiving, "current", None) or _default_receiver
 
 
 def _gone() -> None:
@@ -955,42 +591,39 @@ def _gone() -> None:
 
 
 def _private(
-    descriptor: _Descriptor, leases: Optional[list[tuple[str, str, Any]]],
+    descriptor: Descriptor, leases: Optional[list[tuple[str, str, Any]]],
 ) -> memoryview:
     """A writable view of a buffer the sender copied (kinds give and loan),
     as pickling gives it: the receiver's own memory, whose changes nobody
     else sees. A private (copy-on-write) mapping of the segment where the
     storage can map one, else a copy. With *leases* (a pool's worker receiving
     task arguments), the private memory is kept for the next message (see
-    :class:`mpshm._cache.PrivateCopies`) and the segment's lease recorded there."""
+    :class:`mpshm._mappings.PrivateCopies`) and the segment's lease recorded there."""
     backend, ident, name, size = (
         descriptor.backend, descriptor.ident, descriptor.name, descriptor.size)
     offset, nbytes = descriptor.offset, descriptor.nbytes
     give = descriptor.kind == "give"
     check_machine(descriptor.machine, name)
-    kept = None if leases is None else _cache.private.take(backend, ident, size)
+    kept = None if leases is None else _mappings.private.take(backend, ident, size)
     if kept is None:
-        from .shared_memory import SharedMemory
-
         try:
-            shm = SharedMemory._from_handle(backend, ident, name, size, private=True)
+            mapped = attach_mapping(backend, ident, name, size, private=True)
         except NotImplementedError:
             return _private_copy(descriptor, leases)
-        kept = shm._owner(), None if shm._attachment is None else shm._attachment.identity
-        shm._forget_attachment()  # the owner, referenced by the views, keeps the mapping
-        _note_private(kept[0], backend, ident, name, size)
+        kept = mapped.owner, mapped.identity
+        note_private(mapped.owner, backend, ident, name, size)
     owner, identity = kept
     if give:
         reaper.watch(owner, backend, ident)
     if leases is None:
         return memoryview(owner)[offset : offset + nbytes]
-    owned = _cache.private.lease(owner, offset, nbytes, backend, ident, size, identity)
+    owned = _mappings.private.lease(owner, offset, nbytes, backend, ident, size, identity)
     leases.append((backend, ident, weakref.ref(owned)))
-    return _cache.lease_view(owned, False)
+    return _mappings.lease_view(owned, False)
 
 
 def _private_copy(
-    descriptor: _Descriptor, leases: Optional[list[tuple[str, str, Any]]],
+    descriptor: Descriptor, leases: Optional[list[tuple[str, str, Any]]],
 ) -> memoryview:
     """:func:`_private` for a storage that cannot map privately (System V):
     the bytes copied out of the segment into private memory."""
@@ -1004,27 +637,21 @@ def _private_copy(
         reaper.watch(source, backend, ident)
     if nbytes == 0:
         return memoryview(bytearray())
-    kept = None if leases is None else _cache.private.take("", "", nbytes)
-    copy = _cache.anonymous(nbytes) if kept is None else kept[0]
+    kept = None if leases is None else _mappings.private.take("", "", nbytes)
+    copy = _mappings.anonymous(nbytes) if kept is None else kept[0]
     memoryview(copy)[:nbytes] = memoryview(source)[offset : offset + nbytes]
     del source
-    _note_private(copy, backend, ident, descriptor.name, nbytes)
+    note_private(copy, backend, ident, descriptor.name, nbytes)
     if leases is None:
         return memoryview(copy)
-    owned = _cache.private.lease(copy, 0, nbytes, "", "", nbytes, None)
+    owned = _mappings.private.lease(copy, 0, nbytes, "", "", nbytes, None)
     leases.append((backend, ident, _gone))  # the segment is not looked at any more
-    return _cache.lease_view(owned, False)
+    return _mappings.lease_view(owned, False)
 
 
-def split(data: bytes) -> tuple[memoryview, list[_Descriptor], Any]:
-    """The pickle, the out-of-band descriptors and the *about* note of *data*
-    (see :func:`envelope`)."""
-    main, descriptors, about, _ = split_message(data)
-    return main, descriptors, about
-
-
-def split_message(data: bytes) -> tuple[memoryview, list[_Descriptor], Any, Any]:
-    """:func:`split`, and the *extra* of :func:`envelope` (or None)."""
+def split_message(data: bytes) -> tuple[memoryview, list[Descriptor], Any, Any]:
+    """The pickle, the out-of-band descriptors, the *about* note and the
+    *extra* (or None) of *data* (see :func:`envelope`)."""
     view = memoryview(data)
     head = view[: len(_ENVELOPE)]
     if head != _ENVELOPE:
@@ -1041,11 +668,22 @@ def split_message(data: bytes) -> tuple[memoryview, list[_Descriptor], Any, Any]
     return view[start : start + length], descriptors, about, extra
 
 
-def load_parts(main: Any, descriptors: list[_Descriptor]) -> Any:
-    """Unpickle *main*, mapping the out-of-band buffers *descriptors* name."""
-    if not descriptors:
-        return pickle.loads(main)
-    return pickle.loads(main, buffers=[_take(descriptor) for descriptor in descriptors])
+def load_parts(
+    main: Any, descriptors: list[Descriptor], receiver: Optional[Receiver] = None,
+) -> Any:
+    """Unpickle *main*, mapping the out-of-band buffers *descriptors* name
+    the way *receiver* takes them (default: :class:`Receiver`)."""
+    if receiver is None:
+        if not descriptors:
+            return pickle.loads(main)
+        receiver = _default_receiver
+    previous = getattr(_receiving, "current", None)
+    _receiving.current = receiver
+    try:
+        return pickle.loads(main, buffers=[receiver.take(descriptor)
+                                           for descriptor in descriptors])
+    finally:
+        _receiving.current = previous
 
 
 def loads(data: bytes) -> Any:
@@ -1055,5 +693,5 @@ def loads(data: bytes) -> Any:
     segments; those the sender copied as the receiver's own private copies,
     writable if the sender's buffer was (see the module docstring).
     """
-    main, descriptors, _ = split(data)
+    main, descriptors, _, _ = split_message(data)
     return load_parts(main, descriptors)

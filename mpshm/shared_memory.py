@@ -23,15 +23,18 @@ from typing import (
     Iterable,
     Iterator,
     Mapping,
+    NamedTuple,
     Optional,
     Protocol,
     TypeVar,
     Union,
 )
 
-from . import backends, reduction, tracking
+from . import _mappings, backends, tracking
+from ._sysinfo import check_machine, machine
 from .backends import Attachment, Backend
 from .backends._base import Unnamed
+from .errors import HandleError
 
 __all__ = ["OwnershipWarning", "ShareableList", "SharedMemory"]
 
@@ -121,69 +124,67 @@ def _check_owner(attachment: Attachment, name: str, policy: str) -> None:
     warnings.warn(f"{message}: {name!r}", OwnershipWarning, stacklevel=3)
 
 
+class Mapped(NamedTuple):
+    """A mapping of a segment that no :class:`SharedMemory` object holds:
+    what mpshm's pickler, arrays and pools keep (see :func:`attach_mapping`
+    and :func:`create_mapping`). Views of :attr:`owner` keep it mapped."""
+
+    #: The object holding the mapping (an mmap, a System V attachment).
+    owner: Any
+    #: A view of exactly the segment's bytes.
+    buf: memoryview
+    backend: Backend
+    ident: str
+    name: str
+    size: int
+    #: The storage object's identity (see :meth:`mpshm.backends.Backend.identity`).
+    identity: Optional[str]
+
+
+def attach_mapping(
+    backend: str, ident: str, name: str, size: int, private: bool = False,
+) -> Mapped:
+    """Map the segment of a pickled handle (checked as :class:`SharedMemory`
+    checks handles); with *private*, copy-on-write: NotImplementedError where
+    the storage cannot."""
+    return SharedMemory._from_handle(backend, ident, name, size, private)._let_go()
+
+
+def create_mapping(
+    size: int, chosen: Backend, options: Mapping[str, Any], registry: Any = None,
+) -> Mapped:
+    """A new segment of *size* bytes with a generated name on *chosen*,
+    registered with *registry* (default: the program's tracker), and noted
+    so that the pickler finds views of it by address."""
+    shm = SharedMemory._create_in(tracking if registry is None else registry, size, chosen,
+                                  options)
+    return shm._let_go(note=True)
+
+
 class SharedMemory:
     """Create a new shared memory segment or attach to an existing one.
 
     A drop-in for :class:`multiprocessing.shared_memory.SharedMemory`: same
-    arguments (plus ``backend=`` and backend options such as ``dir=`` for
-    ``mmap``), attributes (``name``, ``size``, ``buf``), methods (``close``,
-    ``unlink``), exceptions, ``repr`` and pickling. It is also a context
-    manager that closes (not unlinks) on exit.
+    arguments, attributes (``name``, ``size``, ``buf``), methods (``close``,
+    ``unlink``), exceptions, ``repr`` and pickling (a handle, never the
+    bytes); a context manager that closes (not unlinks) on exit. In addition:
 
-    Who destroys a segment:
+    * *backend* chooses the storage (``"posix"``, ``"sysv"``, ``"mmap"`` or a
+      registered one; default: :func:`mpshm.get_default_backend`), and
+      *options* are its keywords (``dir=`` for ``mmap``; ``huge_pages=`` and
+      ``prefault=`` for every built-in backend).
+    * *track* (on creation): the segment is destroyed once the program that
+      created it is over, however it ended, unless someone unlinked it
+      first. A process that only attaches never destroys a segment.
+    * *owner_check* (on attach): what to do with a segment not owned by you
+      with mode 0600: ``"warn"`` (an :class:`OwnershipWarning`), ``"error"``
+      (PermissionError) or ``"ignore"``.
+    * A segment the storage cannot hold fails at creation with
+      ``OSError(ENOSPC)``, never with a SIGBUS later; ``close()`` never raises
+      BufferError.
 
-    * ``unlink()`` destroys its name; memory already mapped stays valid until
-      every process has closed it. Call it once, from any process.
-    * ``track=True`` (the default), on creation: if nobody unlinked the
-      segment, it is destroyed once the program that created it is over
-      (its main process and every process it started have ended), however
-      they ended, SIGKILL included. No warning is printed when that happens.
-      ``track=False``: the segment stays until someone unlinks it.
-    * A process that only *attaches* never destroys the segment, whatever
-      ``track`` says, at exit or otherwise. (The standard library destroys a
-      segment when a process that merely attached to it exits, CPython
-      gh-82300; since 3.13 only unless that process passed ``track=False``.)
-
-    Who may use a segment: mpshm creates every segment owned by its creator
-    with mode ``0600``. Attaching (by name, or by unpickling a handle)
-    checks the segment's owner and mode, as the attach found them, against
-    that; a segment of another user, or one that group or others may read
-    or write, is reported according to ``owner_check=``:
-
-    * ``"warn"`` (the default): an :class:`OwnershipWarning` (a
-      RuntimeWarning) naming the owner, the mode and what was expected; the
-      attach goes on. Unpickled handles always warn.
-    * ``"error"``: PermissionError naming the same, and nothing is attached.
-    * ``"ignore"``: no check (for segments shared between users on purpose,
-      or data files of mode 0644 mapped with the ``mmap`` backend).
-
-    Creating ignores ``owner_check``.
-
-    Options every built-in backend accepts (both off by default, and never a
-    reason for a creation or an attach to fail):
-
-    * ``huge_pages=True`` (or ``$MPSHM_HUGE_PAGES=1``): huge pages for a
-      segment of 2 MiB or more where the machine allows them (transparent
-      huge pages for shmem set to ``advise``/``always``, huge pages reserved
-      for System V, a hugetlbfs directory for ``mmap``), else normal pages.
-    * ``prefault=True``, on an attach: map the whole segment at once
-      (``MADV_POPULATE_READ``), which halves a first full read on ``sysv``.
-
-    Differences from the standard library, all fixes:
-
-    * A segment its storage cannot hold fails at creation with
-      ``OSError(ENOSPC)`` naming the storage, the size asked and the space
-      free, and leaves nothing behind, instead of a SIGBUS at first write.
-    * An attach that fails never unlinks or changes anything (the standard
-      library unlinks the segment when mapping it fails).
-    * ``close()`` never raises BufferError: memory that views (NumPy arrays,
-      memoryviews) still use stays mapped until the last of them is gone.
-    * ``size`` accepts any integer-like value (NumPy integers too), and
-      ``len(buf) == size`` exactly on every backend.
-
-    Names: ``name`` is returned as given. Generated names are ``psm_<hex>``
-    (posix, bare like the standard library's), ``sysv:0x<key>`` and
-    ``mmap:<absolute path>``; a bare name belongs to the default backend.
+    The user guide has the whole story: ``docs/shared-memory.md``,
+    ``docs/lifetimes.md`` and ``docs/security.md``.
     """
 
     # Harmless defaults, so that close() and unlink() work on a half-built object.
@@ -269,14 +270,14 @@ class SharedMemory:
         chosen = backends.get(backend)
         if not isinstance(ident, str) or chosen.parse(ident, {}) != ident:
             # Handles carry canonical identifiers: this one was forged or damaged.
-            raise reduction.HandleError(
+            raise HandleError(
                 f"invalid shared memory handle: {ident!r} is not a canonical identifier of "
                 f"the {backend} backend"
             )
         if not backends.names_agree(chosen, ident, name):
             # One handle, one segment: a name that is not the identifier's would
             # make .name report one segment while buf and unlink() use another.
-            raise reduction.HandleError(
+            raise HandleError(
                 f"invalid shared memory handle: its name {name!r} does not name its "
                 f"segment {chosen.qualified(ident)!r}; it was forged or damaged"
             )
@@ -313,7 +314,7 @@ class SharedMemory:
         return (
             _rebuild,
             (type(self), self._backend.name, self._ident, self.name, f"{self.size:016x}",
-             reduction.machine()),
+             machine()),
         )
 
     def _owner(self) -> Any:
@@ -327,7 +328,7 @@ class SharedMemory:
         if not self._noted and self._buf is not None:
             assert self._backend is not None and self._ident is not None
             self._noted = True
-            reduction.note_mapping(
+            _mappings.note_mapping(
                 self._owner(), self._backend.name, self._ident, self.name, self._size
             )
 
@@ -336,6 +337,19 @@ class SharedMemory:
         :meth:`_owner`), referenced elsewhere, keeps the mapping."""
         self._buf = None
         self._attachment = None
+
+    def _let_go(self, note: bool = False) -> Mapped:
+        """Hand this object's mapping to the caller (noted for the pickler
+        with *note*): this object then holds nothing, and the mapping lives
+        as long as the returned owner or views of it do."""
+        if note:
+            self._note()
+        assert self._backend is not None and self._ident is not None and self._buf is not None
+        identity = None if self._attachment is None else self._attachment.identity
+        mapped = Mapped(self._owner(), self._buf, self._backend, self._ident, self.name,
+                        self._size, identity)
+        self._forget_attachment()
+        return mapped
 
     def __repr__(self) -> str:
         return f"{self.__class__.__name__}({self.name!r}, size={self.size})"
@@ -450,13 +464,11 @@ def _reclaimed(exc: BaseException) -> bool:
     creation is worth one more try. Costs nothing unless the storage is full."""
     if not isinstance(exc, OSError) or exc.errno != errno.ENOSPC:
         return False
-    from . import _cache
-
     # Segments a pool let go of may still be queued for destruction (see
-    # reduction.reaper): their space comes back once that is done.
-    pending = reduction.reaper.pending()
-    reduction.reaper.drain()
-    return _cache.reclaim() or pending
+    # _mappings.reaper): their space comes back once that is done.
+    pending = _mappings.reaper.pending()
+    _mappings.reaper.drain()
+    return _mappings.reclaim() or pending
 
 
 def _create_named(
@@ -622,11 +634,11 @@ def _rebuild(
 
     *size* is 16 hexadecimal digits (see :meth:`SharedMemory.__reduce__`),
     or an int in handles of earlier versions."""
-    reduction.check_machine(made_on, name)
+    check_machine(made_on, name)
     if isinstance(size, str) and _HANDLE_SIZE.fullmatch(size):
         size = int(size, 16)
     elif not isinstance(size, int) or isinstance(size, bool):
-        raise reduction.HandleError(
+        raise HandleError(
             f"invalid shared memory handle of {name!r}: its size is {size!r}, not 16 "
             "hexadecimal digits"
         )

@@ -195,13 +195,13 @@ def recreate(name: str, backend: str, stop: Any, rounds: Any) -> None:
 
 def segment_of(arr: Any) -> Optional[str]:
     """Name of the segment this process maps that holds *arr*'s memory, or None."""
-    from mpshm import reduction
+    from mpshm import _mappings, _sysinfo
 
-    address = reduction.buffer_address(arr if arr.flags.c_contiguous else arr.base)
-    for owner, region in list(reduction._regions.items()):
-        if not reduction._mapped(owner):
+    address = _sysinfo.buffer_address(arr if arr.flags.c_contiguous else arr.base)
+    for owner, region in list(_mappings._regions.items()):
+        if not _mappings._mapped(owner):
             continue
-        start = reduction.buffer_address(owner)
+        start = _sysinfo.buffer_address(owner)
         if start <= address < start + region.size:
             return region.name
     return None

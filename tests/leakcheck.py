@@ -18,7 +18,7 @@ from typing import Iterator
 
 import pytest
 
-from mpshm import reduction, tracking
+from mpshm import _mappings, tracking
 from mpshm.backends import get
 from mpshm.backends.mmapfile import default_dir
 
@@ -96,10 +96,10 @@ def _no_tracked_leak() -> Iterator[None]:
     left = set(tracking.tracked()) - before
     if left:
         # Segments this process took over are destroyed by the reaper's
-        # thread once their last view is gone (see mpshm.reduction._Reaper):
+        # thread once their last view is gone (see mpshm._mappings._Reaper):
         # let it finish what the test's end queued before calling anything
         # a leak.
-        reduction.reaper.drain()
+        _mappings.reaper.drain()
         deadline = time.monotonic() + 2
         while left and time.monotonic() < deadline:
             time.sleep(0.01)

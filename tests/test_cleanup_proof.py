@@ -25,9 +25,10 @@ import pytest
 from helpers import OTHER_UIDS, ROOT, as_other_user, exists, require_root, unique, wait_until
 
 import mpshm
-from mpshm import _journal, reduction
+from mpshm import reduction
 from mpshm.backends.sysv import key_for
 from mpshm.shared_memory import SharedMemory, _rebuild
+from mpshm.tracking import journal as _journal
 
 pytestmark = pytest.mark.timeout(120)
 

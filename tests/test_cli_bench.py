@@ -22,7 +22,7 @@ import time
 import pytest
 from helpers import ROOT
 
-from mpshm import _poolbench
+from mpshm.bench import pool as _poolbench
 from mpshm.cli import bench, main
 
 MIB = 1 << 20

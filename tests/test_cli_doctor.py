@@ -252,19 +252,21 @@ def test_small_shm_dir_is_a_problem_with_its_remedy(
 ) -> None:
     proc = tmp_path / "proc"
     fake_mounts(proc, f"shm {tmp_path} tmpfs rw,nosuid,nodev,size=65536k 0 0")
-    monkeypatch.setattr(doctor, "_statvfs", lambda path: (64 * MiB, 60 * MiB, 4 * MiB))
+    monkeypatch.setattr(doctor.storage, "_statvfs", lambda path: (64 * MiB, 60 * MiB, 4 * MiB))
     result = doctor.check_shm_dir(str(tmp_path), str(proc), container=container)
     assert result.verdict == "problem"
     assert result.detail["total_bytes"] == 64 * MiB and result.detail["fstype"] == "tmpfs"
     assert "Docker's default" in result.summary
     assert result.remedy is not None
     assert "--shm-size" in result.remedy and "mmap" in result.remedy and "dir=" in result.remedy
-    monkeypatch.setattr(doctor, "_statvfs", lambda path: (256 * MiB, 200 * MiB, 56 * MiB))
+    monkeypatch.setattr(doctor.storage, "_statvfs", lambda path: (256 * MiB, 200 * MiB, 56 * MiB))
     assert doctor.check_shm_dir(str(tmp_path), str(proc), container=container).verdict == "problem"
-    monkeypatch.setattr(doctor, "_statvfs", lambda path: (8 * GiB, 100 * MiB, 8 * GiB - 100 * MiB))
+    monkeypatch.setattr(
+        doctor.storage, "_statvfs", lambda path: (8 * GiB, 100 * MiB, 8 * GiB - 100 * MiB)
+    )
     low = doctor.check_shm_dir(str(tmp_path), str(proc), container=container)
     assert low.verdict == "warn" and "little free space" in low.summary
-    monkeypatch.setattr(doctor, "_statvfs", lambda path: (8 * GiB, 8 * GiB, 0))
+    monkeypatch.setattr(doctor.storage, "_statvfs", lambda path: (8 * GiB, 8 * GiB, 0))
     assert doctor.check_shm_dir(str(tmp_path), str(proc), container=container).verdict == "ok"
 
 

@@ -20,8 +20,8 @@ import pytest
 from helpers import BACKENDS, ROOT, exists, finish, popen_script, unique, wait_until
 
 import mpshm
-from mpshm import _journal
-from mpshm._tracker import start_time
+from mpshm._sysinfo import start_time
+from mpshm.tracking import journal as _journal
 
 TIMEOUT = 60
 

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from reliability import exists, pattern
 
 import mpshm
-from mpshm import reduction, tracking
+from mpshm import _sysinfo, reduction, tracking
 from mpshm.shared_memory import SharedMemory, _rebuild
 
 pytestmark = pytest.mark.timeout(300)
@@ -293,20 +293,20 @@ def test_forged_array_handles(canaries, offset, shape, strides, dtype, writable)
     bounds checks refuse what does not lie inside it."""
     import numpy as np
 
-    import mpshm.numpy  # noqa: F401  (the module rebuild_array uses)
+    import mpshm.numpy
 
     shm = canaries.shms[0]
-    handle = reduction._ArrayHandle(
+    handle = mpshm.numpy._ArrayHandle(
         shm.backend, shm._ident, shm.name, shm.size, reduction.machine(), offset,
         tuple(shape), tuple(strides), np.dtype(dtype), writable)
     try:
-        arr = reduction.rebuild_array(handle)
+        arr = mpshm.numpy.rebuild_array(handle)
     except (ValueError, TypeError) as exc:
         assert str(exc)
     else:
         low, high = np.byte_bounds(arr) if hasattr(np, "byte_bounds") else (
             np.lib.array_utils.byte_bounds(arr))
-        base = reduction.buffer_address(reduction.attach_owner(
+        base = _sysinfo.buffer_address(reduction.attach_owner(
             shm.backend, shm._ident, shm.name, shm.size, None))
         assert base <= low <= high <= base + shm.size
         del arr
@@ -322,7 +322,7 @@ def test_forged_out_of_band_descriptors(canaries, offset, nbytes, size, kind):
     they lie inside the segment (slicing would clamp them silently)."""
     shm = canaries.shms[1]
     blob = reduction.dumps(shm.buf[:2048], threshold=1024)  # by reference
-    main, [descriptor], about = reduction.split(blob)
+    main, [descriptor], about, _ = reduction.split_message(blob)
     assert descriptor.kind == "ref"
     forged = descriptor._replace(offset=offset, nbytes=nbytes, kind=kind,
                                  size=descriptor.size if size is None else size)

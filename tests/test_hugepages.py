@@ -150,7 +150,7 @@ def test_doctor_and_the_backends_read_a_mount_alike(tmp_path: Path) -> None:
     an octal escape. The backends decoded only spaces, so for such a
     directory they fell back to the mount above it (no huge pages) while
     ``mpshm doctor`` reported the tmpfs's ``huge=advise``: both now read the
-    mounts one way (mpshm._system)."""
+    mounts one way (mpshm._sysinfo)."""
     from mpshm.cli import doctor
 
     with tmpfs_at(tmp_path / "odd\\name\twith tab", "4m") as point:

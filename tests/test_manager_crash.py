@@ -18,7 +18,7 @@ from typing import Any, Iterator
 import pytest
 from helpers import exists, popen_script, wait_until
 
-from mpshm._tracker import start_time
+from mpshm._sysinfo import start_time
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -33,7 +33,8 @@ import pytest
 from helpers import OTHER_UIDS, as_other_user, run_script, unique
 
 import mpshm
-from mpshm import _system, backends
+from mpshm import _sysinfo as _system
+from mpshm import backends
 from mpshm.backends import sysv
 from mpshm.shared_memory import OwnershipWarning
 

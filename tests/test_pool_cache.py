@@ -26,7 +26,7 @@ from helpers import (
 )
 
 import mpshm
-import mpshm._cache
+import mpshm._mappings
 import mpshm.numpy as mnp
 
 pytestmark = pytest.mark.timeout(120)
@@ -139,7 +139,7 @@ def test_a_reused_name_is_not_mistaken_for_the_old_segment(backend, method):
 
 
 def test_idle_warm_segments_are_given_back(backend, monkeypatch):
-    monkeypatch.setattr(mpshm._cache, "IDLE_SECONDS", 0.3)
+    monkeypatch.setattr(mpshm._mappings, "IDLE_SECONDS", 0.3)
     with mpshm.Pool(1, backend=backend) as p:
         for value in range(1, 6):
             assert p.apply(total, (np.full(N, float(value)),)) == value * N
@@ -219,14 +219,14 @@ def test_a_slab_freed_while_the_pickler_searches_does_not_deadlock(backend):
     thread: that once deadlocked a pool's task thread."""
     import threading
 
-    from mpshm import reduction
+    from mpshm import _mappings
 
     arr = mnp.zeros(16, backend=backend)  # the only chunk of its slab
     name = mnp.segment_name(arr)
     done = threading.Event()
 
     def free_while_searching():
-        with reduction._lock:  # as find() holds it while weakrefs are committed
+        with _mappings._lock:  # as find() holds it while weakrefs are committed
             nonlocal arr
             del arr  # frees the chunk, destroys the slab: takes the lock again
         done.set()

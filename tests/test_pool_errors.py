@@ -325,7 +325,7 @@ if __name__ == "__main__":
             except Exception as exc:
                 out["pool " + name] = failure(exc)
         out["pool later"] = pool.apply(size, (np.ones(4 * MiB // 8),))
-    mpshm.reduction.reaper.drain()
+    mpshm._mappings.reaper.drain()
     out["left"] = left()
     print("RESULT " + json.dumps(out))
 '''

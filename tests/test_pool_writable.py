@@ -21,7 +21,7 @@ import pytest
 from helpers import START_METHODS, make_array, segment_of, wait_until
 
 import mpshm
-import mpshm._cache
+import mpshm._mappings
 import mpshm.numpy as mnp
 from mpshm import reduction
 
@@ -264,9 +264,9 @@ def test_kept_private_mappings_drop_what_their_copy_wrote(backend):
             shm.backend, shm._ident, shm.name, shm.size, private=True)
         owner, identity = private._owner(), private._attachment.identity
         private._forget_attachment()
-        copies = mpshm._cache.PrivateCopies()
+        copies = mpshm._mappings.PrivateCopies()
         owned = copies.lease(owner, 8, N * 8 - 8, shm.backend, shm._ident, shm.size, identity)
-        view = np.frombuffer(mpshm._cache.lease_view(owned, False))
+        view = np.frombuffer(mpshm._mappings.lease_view(owned, False))
         assert copies.take(shm.backend, shm._ident, shm.size) is None  # out while in use
         view[:1000] = -1.0
         view[-1] = -1.0

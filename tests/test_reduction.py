@@ -12,7 +12,7 @@ from helpers import exists, run_script, segment_of, wait_until
 
 import mpshm
 import mpshm.numpy as mnp
-from mpshm import reduction
+from mpshm import _sysinfo, reduction
 
 VIEWS = {
     "whole": lambda a: a,
@@ -144,7 +144,7 @@ def test_handle_from_another_machine_names_both(backend, make_shm, monkeypatch):
     try:
         data = pickle.dumps(arr)
         shm_data = pickle.dumps(shm)
-        monkeypatch.setattr(reduction, "_MACHINE", ("elsewhere", "boot-2"))
+        monkeypatch.setattr(_sysinfo, "_MACHINE", ("elsewhere", "boot-2"))
         for payload in (data, shm_data):
             with pytest.raises(reduction.HandleError) as info:
                 pickle.loads(payload)
@@ -233,7 +233,7 @@ def test_unloaded_dumps_are_destroyed_with_the_program(backend):
         import numpy as np
         from mpshm import reduction
         data = reduction.dumps(np.zeros(1 << 18), backend={backend!r})
-        print(reduction.split(data)[1][0].name)
+        print(reduction.split_message(data)[1][0].name)
     """)
     assert result.returncode == 0, result.stderr
     wait_until(lambda: not exists(result.stdout.strip()), 5)

@@ -23,7 +23,8 @@ from leakcheck import snapshot
 
 import mpshm
 import mpshm.numpy as mnp
-from mpshm import _slab, reduction
+from mpshm import _mappings, reduction
+from mpshm.numpy import _slab
 
 CLEANUP_LIMIT = 5.0
 KiB = 1 << 10
@@ -318,7 +319,7 @@ def test_a_forked_child_allocates_from_slabs_of_its_own():
     keeper[:] = 1.0
     other = mnp.zeros(128)
     name = mnp.segment_name(keeper)
-    slab = _slab.heap().slabs[id(reduction.find(address(keeper), 8)[0])]  # type: ignore[index]
+    slab = _slab.heap().slabs[id(_mappings.find(address(keeper), 8)[0])]  # type: ignore[index]
     state = (slab.bump, list(slab.free), len(slab.live))
     ctx = multiprocessing.get_context("fork")
     queue = ctx.Queue()

@@ -40,8 +40,11 @@ import pytest
 from helpers import exists, finish, popen_script, require_root, unique, wait_until
 
 import mpshm
-from mpshm import _journal, _protocol, _tracker, tracking
-from mpshm._tracker import start_time
+from mpshm import tracking
+from mpshm._sysinfo import start_time
+from mpshm.tracking import journal as _journal
+from mpshm.tracking import protocol as _protocol
+from mpshm.tracking import server as _tracker
 
 CLEANUP_LIMIT = 5.0  # seconds a tracker may take once the program is over
 OTHER = 65533  # the other user: an unused uid (no passwd entry needed)
@@ -338,7 +341,8 @@ def test_process_that_switched_user_cannot_use_the_inherited_connection(state: s
         program = popen_script(
             f"""
             import os, socket, sys, time, mpshm
-            from mpshm import _protocol, tracking
+            from mpshm import tracking
+            from mpshm.tracking import protocol as _protocol
 
             shm = mpshm.SharedMemory(create=True, size=4096)
             print(shm.name, flush=True)
@@ -714,7 +718,7 @@ def test_client_queues_in_order_and_forgets_what_was_never_sent(
         assert [w.category for w in caught] == [RuntimeWarning]
         assert "pid 4242" in str(caught[0].message)
         assert len(client._pending) == 1500 - 250 - _sent(client, idents)
-        received: list[dict[str, Any]] = []
+        received: list[_protocol.Message] = []
         decoder = _protocol.Decoder()
         deadline = time.monotonic() + 30
         while client._pending or _readable(tracker_end):
@@ -723,7 +727,7 @@ def test_client_queues_in_order_and_forgets_what_was_never_sent(
                 received += decoder.feed(tracker_end.recv(1 << 16))
             with client._lock:
                 client._drain(start=False)
-        assert [(m["op"], m["i"]) for m in received] == (
+        assert [(m.op, m.ident) for m in received] == (
             [("reg", i) for i in idents[:1000] + idents[1250:]])
         assert not client._unsent and client._budget == client._patience == 0.3
     finally:

@@ -382,7 +382,7 @@ def test_scope_destroys_its_segments_when_closed(backend):
 
 
 def _message(op, ident, identity=None, extra=None):
-    from mpshm import _protocol
+    from mpshm.tracking import protocol as _protocol
 
     return _protocol.Decoder().feed(_protocol.encode(op, "posix", ident, identity, extra))
 
@@ -392,7 +392,7 @@ def test_tracker_bookkeeping_of_scopes_joins_and_late_messages(tmp_path, monkeyp
     connections may be read in any order)."""
     import socket
 
-    from mpshm import _tracker
+    from mpshm.tracking import server as _tracker
 
     monkeypatch.setenv("MPSHM_STATE_DIR", str(tmp_path))
 
@@ -435,8 +435,10 @@ def test_tracker_journals_existing_segments_with_their_identity(tmp_path, monkey
     the program's)."""
     import socket
 
-    from mpshm import _journal, _protocol, _tracker
     from mpshm.backends import get
+    from mpshm.tracking import journal as _journal
+    from mpshm.tracking import protocol as _protocol
+    from mpshm.tracking import server as _tracker
 
     monkeypatch.setenv("MPSHM_STATE_DIR", str(tmp_path))
     owner, peer = socket.socketpair()
@@ -478,7 +480,8 @@ def test_tracker_reads_what_came_before_a_scope_ended(tmp_path, monkeypatch):
     import selectors
     import socket
 
-    from mpshm import _protocol, _tracker
+    from mpshm.tracking import protocol as _protocol
+    from mpshm.tracking import server as _tracker
 
     monkeypatch.setenv("MPSHM_STATE_DIR", str(tmp_path))
     owner_end, owner = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)

@@ -9,8 +9,11 @@ itself under the scheme its names carry::
     SharedMemory("memfd:frames", create=True, size=4096)
 
 Built-in backends are imported on first use, so a missing optional library
-only matters to the backend that needs it (the error names the package to
-install).
+only matters to the backend that needs it (the error names what to install:
+each entry of the registry carries its install hint, ``register(...,
+install="pip install ...")``). Registering the same backend again under the
+same name (the same object, or the same ``"module:Class"``) changes nothing,
+so registering a ``"module:Class"`` string (or one object) may be repeated.
 
 Which backend a call uses: ``backend=`` argument > :func:`set_default_backend`
 > the ``MPSHM_BACKEND`` environment variable > ``posix``. A name's scheme
@@ -52,17 +55,32 @@ _registry: dict[str, Union[Backend, str]] = {
 #: Read-only view of the registry: name -> backend, or "module:Class" not yet imported.
 registry: Mapping[str, Union[Backend, str]] = MappingProxyType(_registry)
 
+#: The libraries the built-in backends need (``mpshm doctor`` names them).
 _PACKAGES = {"posix": "posix_ipc", "sysv": "sysv_ipc"}
+#: Install hint of each registry entry that has one: name -> what to run.
+_install: dict[str, str] = {name: f"pip install {package}" for name, package in _PACKAGES.items()}
+#: Name -> the "module:Class" spec a loaded entry was imported from.
+_loaded_from: dict[str, str] = {}
 _SCHEME = re.compile(r"([a-z][a-z0-9_+.-]*):(.*)", re.DOTALL)
 _default: Optional[str] = None
 
 
-def register(name: str, backend: Union[Backend, str], clobber: bool = False) -> None:
+def register(
+    name: str,
+    backend: Union[Backend, str],
+    clobber: bool = False,
+    *,
+    install: Optional[str] = None,
+) -> None:
     """Register *backend* under *name*, the scheme of its names.
 
     *backend* is a :class:`Backend` instance, or a ``"module:Class"`` string
-    imported on first use. Registering a name that is taken raises
-    ValueError unless ``clobber=True``.
+    imported on first use. Registering the same backend again under *name*
+    (the same object, or the same ``"module:Class"``, imported or not) does
+    nothing; registering another one under a name that is taken raises
+    ValueError unless ``clobber=True``. *install* is what to do when the
+    backend cannot be imported (``"pip install posix_ipc"``): the error
+    names it.
     """
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_+.-]*", name):
         raise ValueError(
@@ -80,12 +98,38 @@ def register(name: str, backend: Union[Backend, str], clobber: bool = False) -> 
             f"backend must be a mpshm.backends.Backend instance or a 'module:Class' "
             f"string, not {type(backend).__name__}"
         )
+    if install is not None and not isinstance(install, str):
+        raise TypeError(f"install= must be a str or None, not {type(install).__name__}")
     with _lock:
+        if name in _registry and _same(name, _registry[name], backend):
+            if install is not None:
+                _install[name] = install
+            return
         if name in _registry and not clobber:
             raise ValueError(
                 f"a backend named {name!r} is already registered; pass clobber=True to replace it"
             )
         _registry[name] = backend
+        _loaded_from.pop(name, None)
+        if install is not None:
+            _install[name] = install
+        else:
+            _install.pop(name, None)
+
+
+def _same(name: str, entry: Union[Backend, str], backend: Union[Backend, str]) -> bool:
+    """Whether registering *backend* under *name*, where *entry* is, changes
+    nothing: the same object, the same spec, or the spec *entry* was imported
+    from (or names *entry*'s class). Another instance of the class is
+    another backend (it may be set up differently). Call with the lock held."""
+    if entry is backend:
+        return True
+    if not isinstance(backend, str):
+        return False
+    if isinstance(entry, str):
+        return entry == backend
+    kind = type(entry)
+    return backend in (_loaded_from.get(name), f"{kind.__module__}:{kind.__qualname__}")
 
 
 def _load(name: str, spec: str) -> Backend:
@@ -93,9 +137,9 @@ def _load(name: str, spec: str) -> Backend:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        package = _PACKAGES.get(name)
-        hint = f" Install it with: pip install {package}" if package else ""
-        raise ImportError(f"the {name!r} backend cannot be loaded ({exc}).{hint}") from exc
+        hint = _install.get(name)
+        hint_text = f" Install it with: {hint}" if hint else ""
+        raise ImportError(f"the {name!r} backend cannot be loaded ({exc}).{hint_text}") from exc
     obj: Any = module
     for part in attr.split("."):
         obj = getattr(obj, part)
@@ -122,6 +166,7 @@ def get(name: str) -> Backend:
     with _lock:
         if _registry.get(name) == entry:
             _registry[name] = backend
+            _loaded_from[name] = entry
         current = _registry[name]
     return current if isinstance(current, Backend) else backend
 

@@ -1,4 +1,4 @@
-"""The interface every storage backend implements, and helpers they share.
+"""The interface every storage backend implements: the contract.
 
 A backend is a small object with no per-segment state: it turns an
 *identifier* (the part of a name after ``scheme:``) into a mapping of the
@@ -11,75 +11,32 @@ same situations, so nothing backend-specific leaks into
 * ``FileExistsError`` when creating a name that is taken;
 * ``FileNotFoundError`` when attaching or unlinking a name that is absent;
 * ``OSError(ENOSPC)`` when the storage cannot hold the size asked for.
+
+The helpers the backends share are in :mod:`mpshm.backends._util`, and
+those of the file-backed ones in :mod:`mpshm.backends._files`.
 """
 
 from __future__ import annotations
 
 import abc
-import errno
-import mmap
+import mmap  # noqa: F401  (tests patch mmap.mmap through this module)
 import os
-import secrets
-import stat
-import sys
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Optional
+from typing import Any, ClassVar, Mapping, Optional
+
+from . import _huge
+
+# Helpers that used to live here, still imported from here by other modules.
+from ._util import _stranded as _stranded
+from ._util import format_size as format_size
+from ._util import map_shared as map_shared
 
 __all__ = [
     "Attachment",
     "Backend",
-    "MmapAttachment",
     "SegmentInfo",
     "Unnamed",
-    "is_utf8",
-    "list_files",
-    "no_space",
-    "random_token",
-    "release_view",
 ]
-
-#: Random bits in generated names (issue 7 asks for at least 64).
-TOKEN_BYTES = 8
-
-
-def is_utf8(text: str) -> bool:
-    """Whether *text* encodes as UTF-8 (no lone surrogates): what posix_ipc
-    needs of a name (it crashes on a lone surrogate, and leaks an object whose
-    name it cannot decode) and what the tracker's messages carry."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def random_token() -> str:
-    """Return a fresh random hex string for generated names."""
-    return secrets.token_hex(TOKEN_BYTES)
-
-
-def format_size(n: int) -> str:
-    """Format a byte count for error messages: ``'16 MiB (16777216 bytes)'``."""
-    units = ["bytes", "KiB", "MiB", "GiB", "TiB", "PiB"]
-    value = float(n)
-    for unit in units:
-        if value < 1024 or unit == units[-1]:
-            if unit == "bytes":
-                return f"{n} bytes"
-            return f"{value:.1f} {unit} ({n} bytes)"
-        value /= 1024
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def no_space(storage: str, size: int, free: Optional[int], remedy: str) -> OSError:
-    """Build the ``OSError(ENOSPC)`` raised when *storage* cannot hold *size* bytes."""
-    free_text = format_size(free) if free is not None else "unknown"
-    return OSError(
-        errno.ENOSPC,
-        f"No space left on {storage} for a shared memory segment of "
-        f"{format_size(size)}: {free_text} free. {remedy}",
-    )
 
 
 @dataclass(frozen=True)
@@ -104,123 +61,6 @@ class SegmentInfo:
     ctime: Optional[float] = None
     #: Anything else the backend knows.
     extra: Mapping[str, Any] = field(default_factory=dict)
-
-
-def release_view(buf: memoryview) -> bool:
-    """Release *buf* if nothing else uses it; return whether it was released.
-
-    A memoryview cannot be released while views made from it export its
-    buffer (BufferError); one that something else still references (a
-    variable holding ``shm.buf``) is left alone too, so that closing never
-    pulls memory from under a user. The memory goes with its last user.
-    """
-    # References: the caller's variable, our argument, getrefcount's own.
-    if sys.getrefcount(buf) > 3:
-        return False
-    try:
-        buf.release()
-    except BufferError:
-        return False
-    return True
-
-
-_MAP_FIXED = 0x10  # Linux (all architectures)
-_MAP_FIXED_NOREPLACE = 0x100000  # Linux 4.17+
-_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
-_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
-#: Placeholders left in doubt by a failed map (see :func:`map_shared`): kept
-#: alive for good, so that they never unmap what may be someone else's.
-_stranded: list[mmap.mmap] = []
-
-
-class _LibcMmap:
-    """libc's ``mmap`` through ctypes (64-bit Linux: off_t is 64 bits there)."""
-
-    def __init__(self) -> None:
-        import ctypes
-
-        self._ctypes = ctypes
-        function = ctypes.CDLL(None, use_errno=True).mmap
-        function.restype = ctypes.c_void_p
-        function.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                             ctypes.c_int, ctypes.c_int64]
-        self.call: Callable[..., Optional[int]] = function
-
-    def address(self, mm: mmap.mmap) -> int:
-        """Where *mm* is mapped."""
-        ctypes = self._ctypes
-        return int(ctypes.addressof(ctypes.c_char.from_buffer(mm)))  # no export kept
-
-    def errno(self) -> int:
-        """errno of this thread's last call."""
-        return int(self._ctypes.get_errno())
-
-
-def _libc_mmap() -> Optional[_LibcMmap]:
-    """What :func:`map_shared` maps with before Python 3.13 (64-bit Linux), else None."""
-    if not sys.platform.startswith("linux") or sys.maxsize < 2**32 or sys.version_info >= (3, 13):
-        return None
-    try:
-        return _LibcMmap()
-    except (ImportError, OSError, AttributeError):  # pragma: no cover
-        return None
-
-
-_libc = _libc_mmap()
-
-
-def map_shared(
-    fd: int, size: int, kernel_address: bool = False, private: bool = False,
-) -> mmap.mmap:
-    """A shared, writable :class:`mmap.mmap` of the first *size* bytes of *fd*
-    that keeps no file descriptor open. With *private*, a private
-    (copy-on-write) one instead: writes through it are this mapping's own,
-    while the pages it has not written still show the file's later changes.
-
-    With *kernel_address*, the kernel chooses the address for the file
-    itself (aligned for huge pages; hugetlbfs needs it): before Python 3.13
-    that mapping keeps a duplicate descriptor. Callers must pass it for a
-    file whose block size is larger than a page (hugetlbfs): the kernel
-    rounds such a mapping's length up to a whole huge page, so mapping it
-    over a placeholder of *size* bytes (see below) would map over whatever
-    follows the placeholder, whenever the placeholder happens to be aligned.
-
-    CPython's mmap keeps a duplicate of the descriptor for as long as the
-    mapping lives: one descriptor per live segment, so a few thousand
-    segments would exhaust ``RLIMIT_NOFILE``. Python 3.13 can be told not to
-    (``trackfd=False``). Before that, on 64-bit Linux, mmap makes an
-    anonymous mapping of the same size (no descriptor), and the file is
-    mapped over it in place (``MAP_FIXED``): the mmap object owns the result
-    and unmaps it as usual. Elsewhere, or if the placeholder cannot be made,
-    the plain mapping (which keeps a descriptor).
-    """
-    share = mmap.MAP_PRIVATE if private else mmap.MAP_SHARED
-    if sys.version_info >= (3, 13):
-        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW, trackfd=False)
-    libc = _libc
-    if libc is None or kernel_address:
-        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW)
-    try:
-        # Never touched, so it costs address space only (and no commit charge).
-        mm = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | _MAP_NORESERVE)
-    except OSError:
-        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW)
-    address = libc.address(mm)
-    if libc.call(address, size, _PROT_RW, share | _MAP_FIXED, fd, 0) == address:
-        return mm
-    error = libc.errno()
-    # Kernels before 6.12 may have unmapped the placeholder before failing:
-    # take the range back, unless something else took it meanwhile. If in
-    # doubt (it is still there, or is someone else's), leave it mapped.
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE | _MAP_FIXED_NOREPLACE
-    if libc.call(address, size, _PROT_RW, flags, -1, 0) == address:
-        mm.close()
-    else:
-        _stranded.append(mm)
-    if error == errno.EINVAL:
-        # A file that needs an aligned address (hugetlbfs): let the kernel choose.
-        return mmap.mmap(fd, size, flags=share, prot=_PROT_RW)
-    raise OSError(error, os.strerror(error))
 
 
 class Attachment(abc.ABC):
@@ -255,45 +95,6 @@ class Attachment(abc.ABC):
         """Release this attachment; safe to call more than once."""
 
 
-class MmapAttachment(Attachment):
-    """An attachment backed by an :class:`mmap.mmap` of a file descriptor
-    (a copy-on-write one with *private*: see :func:`map_shared`)."""
-
-    def __init__(
-        self, fd: int, size: int, identity: Optional[str] = None,
-        st: Optional[os.stat_result] = None, kernel_address: bool = False,
-        private: bool = False,
-    ) -> None:
-        if st is not None and st.st_blksize > mmap.PAGESIZE:
-            kernel_address = True  # hugetlbfs (see map_shared)
-        self._mmap: Optional[mmap.mmap] = map_shared(fd, size, kernel_address, private)
-        self.size = size
-        self.buf = memoryview(self._mmap)
-        self.identity = identity
-        if st is not None:  # what an attach's fstat found
-            self.uid = st.st_uid
-            self.gid = st.st_gid
-            self.mode = stat.S_IMODE(st.st_mode)
-
-    def close(self) -> None:
-        buf, self.buf = self.buf, None
-        mm, self._mmap = self._mmap, None
-        if buf is not None and not release_view(buf):
-            # ``buf`` is still in use; it keeps the mmap alive and unmaps it
-            # when the last user lets go.
-            return
-        # References besides ours and getrefcount's: someone uses the mmap
-        # itself without exporting it. NumPy's np.ndarray(..., buffer=shm.buf)
-        # does (the array's base is the mmap); closing would unmap its memory.
-        if mm is not None and sys.getrefcount(mm) <= 2:
-            try:
-                mm.close()
-            except BufferError:
-                # Views made with memoryview(buf) still export the mmap;
-                # it is unmapped when the last of them is released.
-                pass
-
-
 class Unnamed(abc.ABC):
     """A new segment without a name yet (see :meth:`Backend.create_unnamed`)."""
 
@@ -325,6 +126,10 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     #: Keyword options this backend accepts.
     option_names: ClassVar[frozenset[str]] = frozenset()
+    #: Of those, the flags whose values :meth:`check_options` checks too
+    #: (True, False or None): the built-in backends' ``huge_pages=`` and
+    #: ``prefault=``. A backend of your own checks its values itself.
+    checked_flags: ClassVar[frozenset[str]] = frozenset()
     #: Human description of the storage, for messages.
     storage: ClassVar[str] = "shared memory"
     #: Whether :meth:`generate` makes names nobody else will ever make (64
@@ -333,7 +138,11 @@ class Backend(abc.ABC):
     unique_names: ClassVar[bool] = False
 
     def check_options(self, options: Mapping[str, Any]) -> None:
-        """Raise TypeError naming any option this backend does not accept."""
+        """Raise TypeError naming any option this backend does not accept.
+
+        Also TypeError unless the values of :attr:`checked_flags` are True,
+        False or None.
+        """
         unknown = sorted(set(options) - self.option_names)
         if unknown:
             accepted = ", ".join(sorted(self.option_names)) or "none"
@@ -341,6 +150,8 @@ class Backend(abc.ABC):
                 f"the {self.name!r} backend does not accept the option(s) "
                 f"{', '.join(unknown)}; it accepts: {accepted}"
             )
+        if options and self.checked_flags:
+            _huge.check({key: options[key] for key in self.checked_flags if key in options})
 
     @abc.abstractmethod
     def parse(self, ident: str, options: Mapping[str, Any]) -> str:
@@ -381,7 +192,7 @@ class Backend(abc.ABC):
         attachment = self.create(ident, data.nbytes, options)
         try:
             assert attachment.buf is not None
-            self._before_copy(ident, attachment)
+            self.before_copy(ident, attachment)
             attachment.buf[: data.nbytes] = data
         except BaseException:
             try:
@@ -393,10 +204,12 @@ class Backend(abc.ABC):
             attachment.close()
         return attachment.identity
 
-    def _before_copy(self, ident: str, attachment: Attachment) -> None:
-        """Called by the default :meth:`create_from` between creating the
-        segment and copying into it (to fault it in at once, say); by
-        default nothing."""
+    def before_copy(self, ident: str, attachment: Attachment) -> None:
+        """Optional: called by the default :meth:`create_from` between
+        creating segment *ident* (*attachment*, mapped) and copying into it,
+        to make the copy cheaper (fault the whole mapping in at once, say).
+        An exception it raises fails the creation, which leaves nothing
+        behind. By default nothing."""
         return None
 
     @abc.abstractmethod
@@ -532,63 +345,3 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<mpshm backend {self.name!r}>"
-
-
-def list_files(
-    directory: str, backend: str, name_of: Callable[[os.DirEntry[str]], Optional[str]]
-) -> list[SegmentInfo]:
-    """List the regular files in *directory* as segments of *backend*.
-
-    ``name_of(entry)`` gives a file's segment name, or None to skip it.
-    """
-    try:
-        entries = list(os.scandir(directory))
-    except OSError:
-        return []
-    found = []
-    for entry in entries:
-        name = name_of(entry)
-        if name is None:
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
-            continue
-        if not stat.S_ISREG(st.st_mode):
-            continue
-        found.append(
-            SegmentInfo(
-                name=name,
-                backend=backend,
-                size=st.st_size,
-                uid=st.st_uid,
-                mode=stat.S_IMODE(st.st_mode),
-                ctime=st.st_ctime,
-                extra={"path": entry.path},
-            )
-        )
-    return found
-
-
-#: How long attach waits for a creator to size a segment it just made.
-SIZING_WAIT = 0.05
-
-
-def sized_stat(fd: int) -> os.stat_result:
-    """``fstat`` of a segment being attached, waiting briefly while it has size 0.
-
-    Creation is open-then-size, so an attach racing a creator can find the
-    object empty for a few microseconds; an object still empty after
-    :data:`SIZING_WAIT` seconds is returned as it is (the caller reports it).
-    """
-    st = os.fstat(fd)
-    deadline = None
-    while st.st_size == 0:
-        now = time.monotonic()
-        if deadline is None:
-            deadline = now + SIZING_WAIT
-        elif now > deadline:
-            break
-        time.sleep(0.001)
-        st = os.fstat(fd)
-    return st

@@ -1,4 +1,6 @@
-"""Sizing and filling the files behind the posix and mmap backends.
+"""The shared base of the file-backed posix and mmap backends
+(:class:`FileBackend`, the mapping and the listing they share), and the
+sizing and filling of their files.
 
 Both store a segment as a file (in /dev/shm, or anywhere): space is reserved
 at creation, so that a full filesystem fails there with ``OSError(ENOSPC)``
@@ -17,24 +19,105 @@ import os
 import random
 import stat
 import sys
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from . import _huge
-from ._base import Attachment, Backend, MmapAttachment, Unnamed, no_space
+from ._base import Attachment, Backend, SegmentInfo, Unnamed
+from ._util import map_shared, no_space, release_view
 
 __all__ = [
     "FileBackend",
+    "MmapAttachment",
     "after_attach",
     "check_free",
     "create_mapped",
     "create_unnamed",
     "create_written",
     "file_identity",
+    "list_files",
     "lstat_identity",
     "new_file",
     "reserve",
     "write_all",
 ]
+
+
+# -- Mappings and listings -----------------------------------------------------
+
+
+class MmapAttachment(Attachment):
+    """An attachment backed by an :class:`mmap.mmap` of a file descriptor
+    (a copy-on-write one with *private*: see :func:`map_shared`)."""
+
+    def __init__(
+        self, fd: int, size: int, identity: Optional[str] = None,
+        st: Optional[os.stat_result] = None, kernel_address: bool = False,
+        private: bool = False,
+    ) -> None:
+        if st is not None and st.st_blksize > mmap.PAGESIZE:
+            kernel_address = True  # hugetlbfs (see map_shared)
+        self._mmap: Optional[mmap.mmap] = map_shared(fd, size, kernel_address, private)
+        self.size = size
+        self.buf = memoryview(self._mmap)
+        self.identity = identity
+        if st is not None:  # what an attach's fstat found
+            self.uid = st.st_uid
+            self.gid = st.st_gid
+            self.mode = stat.S_IMODE(st.st_mode)
+
+    def close(self) -> None:
+        buf, self.buf = self.buf, None
+        mm, self._mmap = self._mmap, None
+        if buf is not None and not release_view(buf):
+            # ``buf`` is still in use; it keeps the mmap alive and unmaps it
+            # when the last user lets go.
+            return
+        # References besides ours and getrefcount's: someone uses the mmap
+        # itself without exporting it. NumPy's np.ndarray(..., buffer=shm.buf)
+        # does (the array's base is the mmap); closing would unmap its memory.
+        if mm is not None and sys.getrefcount(mm) <= 2:
+            try:
+                mm.close()
+            except BufferError:
+                # Views made with memoryview(buf) still export the mmap;
+                # it is unmapped when the last of them is released.
+                pass
+
+
+def list_files(
+    directory: str, backend: str, name_of: Callable[[os.DirEntry[str]], Optional[str]]
+) -> list[SegmentInfo]:
+    """List the regular files in *directory* as segments of *backend*.
+
+    ``name_of(entry)`` gives a file's segment name, or None to skip it.
+    """
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return []
+    found = []
+    for entry in entries:
+        name = name_of(entry)
+        if name is None:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        found.append(
+            SegmentInfo(
+                name=name,
+                backend=backend,
+                size=st.st_size,
+                uid=st.st_uid,
+                mode=stat.S_IMODE(st.st_mode),
+                ctime=st.st_ctime,
+                extra={"path": entry.path},
+            )
+        )
+    return found
 
 
 # -- Identity ------------------------------------------------------------------
@@ -260,14 +343,19 @@ def reserve(fd: int, size: int, storage: str, where: Optional[str], remedy: str)
                 raise _space_error(size, storage, where, remedy) from None
             if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, errno.ENODEV, errno.ENOSYS):
                 raise
+    _truncate(fd, size, storage, where, remedy)
+    if not _FALLOCATE_SIZES:
+        _fallocate(fd, size, storage, where, remedy)
+
+
+def _truncate(fd: int, size: int, storage: str, where: Optional[str], remedy: str) -> None:
+    """``ftruncate(fd, size)``, with the detailed ENOSPC error of this module."""
     try:
         os.ftruncate(fd, size)
     except OSError as exc:
         if _is_space_error(exc):
             raise _space_error(size, storage, where, remedy) from None
         raise
-    if not _FALLOCATE_SIZES:
-        _fallocate(fd, size, storage, where, remedy)
 
 
 _PWRITE_MAX = 1 << 30  # bytes per pwrite call (Linux caps a call near 2 GiB)
@@ -340,12 +428,7 @@ def create_mapped(
     st = new_file(fd)
     if huge == "advise":
         check_free(size, storage, where, remedy)
-        try:
-            os.ftruncate(fd, size)
-        except OSError as exc:
-            if _is_space_error(exc):
-                raise _space_error(size, storage, where, remedy) from None
-            raise
+        _truncate(fd, size, storage, where, remedy)
         identity = file_identity(fd, st, size, mark=True)
         attachment = MmapAttachment(fd, size, identity, kernel_address=True)
         try:

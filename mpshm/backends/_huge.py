@@ -29,7 +29,7 @@ import os
 import sys
 from typing import Any, Mapping, Optional
 
-from .. import _system
+from .. import _sysinfo
 
 __all__ = [
     "HUGE_FROM",
@@ -117,12 +117,12 @@ def wants_huge(options: Mapping[str, Any], size: int) -> bool:
 
 def shmem_thp(path: str = SHMEM_ENABLED) -> str:
     """The selected value of ``shmem_enabled`` (``never`` if unknown)."""
-    return _system.selected(_system.read_text(path) or "") or "never"
+    return _sysinfo.selected(_sysinfo.read_text(path) or "") or "never"
 
 
-def _mount_of(path: str) -> Optional[_system.Mount]:
+def _mount_of(path: str) -> Optional[_sysinfo.Mount]:
     """The mount holding *path*."""
-    return _system.mount_of(os.path.realpath(path), _system.mounts())
+    return _sysinfo.mount_of(os.path.realpath(path), _sysinfo.mounts())
 
 
 def tmpfs_huge(path: str) -> Optional[str]:
@@ -153,5 +153,5 @@ def hugetlbfs_page_size(path: str) -> Optional[int]:
 
 def hugetlb_pages() -> tuple[int, int]:
     """(size of a default huge page, how many are free) from /proc/meminfo."""
-    info = _system.meminfo()
+    info = _sysinfo.meminfo()
     return info.get("Hugepagesize", 0), info.get("HugePages_Free", 0)

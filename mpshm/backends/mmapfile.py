@@ -21,103 +21,29 @@ import errno
 import mmap
 import os
 import stat
-import tempfile
 from typing import Any, Callable, Mapping, Optional
 
+from .._paths import check_dir, default_dir
 from . import _huge
-from ._base import (
-    Attachment,
-    MmapAttachment,
-    SegmentInfo,
-    Unnamed,
-    list_files,
-    random_token,
-    sized_stat,
-)
+from ._base import Attachment, SegmentInfo, Unnamed
 from ._files import (
     FileBackend,
+    MmapAttachment,
     after_attach,
     create_mapped,
     create_unnamed,
     create_written,
     file_identity,
+    list_files,
     lstat_identity,
 )
+from ._util import random_token, sized_stat
 
 __all__ = ["MmapBackend", "default_dir"]
 
 PREFIX = "mpshm_"
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-
-def default_dir() -> str:
-    """The directory new segments go to when no ``dir=`` is given."""
-    env = os.environ.get("MPSHM_DIR")
-    if env:
-        return os.path.abspath(env)
-    return os.path.join(tempfile.gettempdir(), f"mpshm-{os.getuid()}")
-
-
-def check_dir(path: str, create: bool) -> None:
-    """Make sure *path* is a directory it is safe to put segments in.
-
-    Refuses a symbolic link, a directory owned by another user, and one that
-    others may write to without the sticky bit. Creates it (mode 0700, and
-    any missing parent too, whatever the umask) when *create* is true and
-    it does not exist.
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        if not create:
-            raise FileNotFoundError(
-                errno.ENOENT, "The mmap backend's directory does not exist", path
-            ) from None
-        try:
-            _make_dirs(path)
-            st = os.lstat(path)
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"cannot create the mmap backend's directory: {exc.strerror}", path
-            ) from None
-    if stat.S_ISLNK(st.st_mode):
-        raise PermissionError(
-            errno.EPERM,
-            "Refusing to use a symbolic link as the mmap backend's directory "
-            "(pass the real path as dir= or MPSHM_DIR)",
-            path,
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", path)
-    if st.st_uid != os.getuid():
-        raise PermissionError(
-            errno.EPERM,
-            f"Refusing to use a directory owned by uid {st.st_uid} (you are uid "
-            f"{os.getuid()}) for the mmap backend: choose a directory of your own",
-            path,
-        )
-    if st.st_mode & stat.S_IWOTH and not st.st_mode & stat.S_ISVTX:
-        raise PermissionError(
-            errno.EPERM,
-            "Refusing a world-writable directory without the sticky bit for the mmap "
-            "backend: anyone could replace its files",
-            path,
-        )
-
-
-def _make_dirs(path: str) -> None:
-    """``os.makedirs(path)`` with mode 0700 for each directory it creates,
-    exactly: a umask such as 0277 would leave them 0500, unusable."""
-    parent = os.path.dirname(path)
-    if parent != path and not os.path.lexists(parent):
-        _make_dirs(parent)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        return
-    if stat.S_IMODE(os.lstat(path).st_mode) != 0o700:
-        os.chmod(path, 0o700, follow_symlinks=False)
 
 
 def _safe_parent(st: os.stat_result) -> bool:
@@ -136,12 +62,11 @@ class MmapBackend(FileBackend):
 
     name = "mmap"
     option_names = frozenset({"dir"}) | _huge.OPTIONS
+    checked_flags = _huge.OPTIONS
     unique_names = True
     storage = "the mmap backend's filesystem"
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        super().check_options(options)
-        _huge.check(options)
+    # -- names
 
     def _dir(self, options: Mapping[str, Any]) -> str:
         given = options.get("dir")
@@ -207,6 +132,8 @@ class MmapBackend(FileBackend):
 
     _REMEDY = "Free space there, or pass dir= (or set MPSHM_DIR) to a larger filesystem."
 
+    # -- creating
+
     def _new(self, ident: str, options: Mapping[str, Any], fill: Callable[[int, str], Any]) -> Any:
         """Create file *ident* exclusively and call *fill* with its descriptor
         and the storage's description; on any failure remove it again."""
@@ -231,6 +158,17 @@ class MmapBackend(FileBackend):
         finally:
             os.close(fd)
 
+    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
+        where = os.path.dirname(ident)
+        huge = _huge.tmpfs_huge(where) if _huge.wants_huge(options, size) else None
+
+        def fill(fd: int, storage: str) -> Attachment:
+            # (On hugetlbfs, create_mapped rounds the size up to whole huge pages.)
+            return create_mapped(fd, size, storage, where, self._REMEDY, huge)
+
+        attachment: Attachment = self._new(ident, options, fill)
+        return attachment
+
     def create_unnamed(
         self, ident: str, size: int, options: Mapping[str, Any]
     ) -> Optional[Unnamed]:
@@ -244,23 +182,14 @@ class MmapBackend(FileBackend):
         # Anything there, a symbolic link too, makes the creation (O_EXCL) fail.
         return os.access(ident, os.F_OK, follow_symlinks=False)
 
-    def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
-        where = os.path.dirname(ident)
-        huge = _huge.tmpfs_huge(where) if _huge.wants_huge(options, size) else None
-
-        def fill(fd: int, storage: str) -> Attachment:
-            # (On hugetlbfs, create_mapped rounds the size up to whole huge pages.)
-            return create_mapped(fd, size, storage, where, self._REMEDY, huge)
-
-        attachment: Attachment = self._new(ident, options, fill)
-        return attachment
-
     def create_from(self, ident: str, data: memoryview, options: Mapping[str, Any]) -> str:
         def fill(fd: int, storage: str) -> str:
             return create_written(fd, data, storage, os.path.dirname(ident), self._REMEDY)
 
         identity: str = self._new(ident, options, fill)
         return identity
+
+    # -- attaching
 
     def _attach(
         self, ident: str, options: Mapping[str, Any], private: bool
@@ -296,6 +225,8 @@ class MmapBackend(FileBackend):
             os.close(fd)
         after_attach(attachment, huge, _huge.flag(options, "prefault"))
         return attachment
+
+    # -- removing, and proving what a name holds
 
     def unlink(self, ident: str) -> None:
         try:
@@ -355,8 +286,36 @@ class MmapBackend(FileBackend):
             os.close(dir_fd)
         return True
 
-    def where(self, options: Mapping[str, Any]) -> Optional[str]:
-        return self._dir(options)
+    # -- what exists, and where
 
     def list(self) -> list[SegmentInfo]:
         return list_files(default_dir(), self.name, lambda e: self.qualified(e.path))
+
+    def where(self, options: Mapping[str, Any]) -> Optional[str]:
+        return self._dir(options)
+
+    def available(self) -> Optional[str]:
+        """None if the default directory is one, or can be made (its nearest
+        existing ancestor is a directory this user may write to), else why
+        not. Creates nothing. The safety checks (a symbolic link, a directory
+        of another user, or one writable by all without the sticky bit) are
+        left to creation, whose error says what to do."""
+        path = default_dir()
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            parent = os.path.dirname(path)
+            while parent != os.path.dirname(parent) and not os.path.lexists(parent):
+                parent = os.path.dirname(parent)
+            if not os.path.isdir(parent):
+                return f"cannot create the directory {path}: {parent} is not a directory"
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return f"cannot create the directory {path}: {parent} is not writable"
+            return None
+        except OSError as exc:
+            return f"cannot use the directory {path}: {exc.strerror or exc}"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{path} is not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"the directory {path} is not writable"
+        return None

@@ -22,25 +22,19 @@ from typing import Any, Callable, Mapping, Optional
 import posix_ipc
 
 from . import _huge
-from ._base import (
-    Attachment,
-    MmapAttachment,
-    SegmentInfo,
-    Unnamed,
-    is_utf8,
-    list_files,
-    random_token,
-    sized_stat,
-)
+from ._base import Attachment, SegmentInfo, Unnamed
 from ._files import (
     FileBackend,
+    MmapAttachment,
     after_attach,
     create_mapped,
     create_unnamed,
     create_written,
     file_identity,
+    list_files,
     lstat_identity,
 )
+from ._util import is_utf8, random_token, sized_stat
 
 __all__ = ["PosixBackend"]
 
@@ -88,12 +82,11 @@ class PosixBackend(FileBackend):
 
     name = "posix"
     option_names = _huge.OPTIONS
+    checked_flags = _huge.OPTIONS
     unique_names = True
     storage = "/dev/shm (POSIX shared memory)"
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        super().check_options(options)
-        _huge.check(options)
+    # -- names
 
     def parse(self, ident: str, options: Mapping[str, Any]) -> str:
         if options:  # (none: nothing to check)
@@ -143,57 +136,7 @@ class PosixBackend(FileBackend):
                 raise NotImplementedError(f"{SHM_DIR} has no room for a link") from None
             raise
 
-    @staticmethod
-    def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
-        """``shm_open``, with the standard library's exceptions.
-
-        On Linux, ``shm_open`` is an ``open`` in /dev/shm with ``O_NOFOLLOW |
-        O_CLOEXEC`` (glibc's own code): mpshm makes that call itself, which
-        costs a fraction of creating a posix_ipc object. Elsewhere, posix_ipc.
-        """
-        path = _path(ident)
-        if _DIRECT:
-            oflags = (os.O_RDONLY if read_only else os.O_RDWR) | _O_SHM
-            if flags & posix_ipc.O_CREAT:
-                oflags |= os.O_CREAT | (os.O_EXCL if flags & posix_ipc.O_EXCL else 0)
-            try:
-                return _Fd(os.open(SHM_DIR + path, oflags, 0o600))
-            except FileExistsError:
-                raise FileExistsError(
-                    errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
-                ) from None
-            except FileNotFoundError:
-                raise FileNotFoundError(
-                    errno.ENOENT, "No such POSIX shared memory segment", ident
-                ) from None
-            except PermissionError as exc:
-                raise PermissionError(errno.EACCES, exc.strerror, ident) from None
-        try:
-            return posix_ipc.SharedMemory(path, flags, mode=0o600, read_only=read_only)
-        except posix_ipc.ExistentialError:
-            if flags & posix_ipc.O_CREAT:
-                raise FileExistsError(
-                    errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
-                ) from None
-            raise FileNotFoundError(
-                errno.ENOENT, "No such POSIX shared memory segment", ident
-            ) from None
-        except posix_ipc.PermissionsError as exc:
-            raise PermissionError(errno.EACCES, str(exc), ident) from None
-
-    @staticmethod
-    def _unlink(ident: str) -> None:
-        """``shm_unlink`` (an ``unlink`` in /dev/shm on Linux), posix_ipc's exceptions."""
-        path = _path(ident)
-        if _DIRECT:
-            os.unlink(SHM_DIR + path)
-        else:
-            posix_ipc.unlink_shared_memory(path)
-
-    _REMEDY = (
-        "Free space in /dev/shm, start the container with a larger "
-        "--shm-size, or use backend='mmap' with dir= on a larger disk."
-    )
+    # -- creating
 
     def _new(self, ident: str, fill: Callable[[int], Any]) -> Any:
         """Create *ident* exclusively and call *fill* with its descriptor;
@@ -242,6 +185,46 @@ class PosixBackend(FileBackend):
         identity: str = self._new(ident, fill)
         return identity
 
+    # -- attaching
+
+    @staticmethod
+    def _open(ident: str, flags: int = 0, read_only: bool = False) -> Any:
+        """``shm_open``, with the standard library's exceptions.
+
+        On Linux, ``shm_open`` is an ``open`` in /dev/shm with ``O_NOFOLLOW |
+        O_CLOEXEC`` (glibc's own code): mpshm makes that call itself, which
+        costs a fraction of creating a posix_ipc object. Elsewhere, posix_ipc.
+        """
+        path = _path(ident)
+        if _DIRECT:
+            oflags = (os.O_RDONLY if read_only else os.O_RDWR) | _O_SHM
+            if flags & posix_ipc.O_CREAT:
+                oflags |= os.O_CREAT | (os.O_EXCL if flags & posix_ipc.O_EXCL else 0)
+            try:
+                return _Fd(os.open(SHM_DIR + path, oflags, 0o600))
+            except FileExistsError:
+                raise FileExistsError(
+                    errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
+                ) from None
+            except FileNotFoundError:
+                raise FileNotFoundError(
+                    errno.ENOENT, "No such POSIX shared memory segment", ident
+                ) from None
+            except PermissionError as exc:
+                raise PermissionError(errno.EACCES, exc.strerror, ident) from None
+        try:
+            return posix_ipc.SharedMemory(path, flags, mode=0o600, read_only=read_only)
+        except posix_ipc.ExistentialError:
+            if flags & posix_ipc.O_CREAT:
+                raise FileExistsError(
+                    errno.EEXIST, "A POSIX shared memory segment of that name exists", ident
+                ) from None
+            raise FileNotFoundError(
+                errno.ENOENT, "No such POSIX shared memory segment", ident
+            ) from None
+        except posix_ipc.PermissionsError as exc:
+            raise PermissionError(errno.EACCES, str(exc), ident) from None
+
     def _attach(
         self, ident: str, options: Mapping[str, Any], private: bool
     ) -> Optional[Attachment]:
@@ -263,6 +246,22 @@ class PosixBackend(FileBackend):
             shm.close_fd()
         after_attach(attachment, huge, _huge.flag(options, "prefault"))
         return attachment
+
+    # -- removing, and proving what a name holds
+
+    @staticmethod
+    def _unlink(ident: str) -> None:
+        """``shm_unlink`` (an ``unlink`` in /dev/shm on Linux), posix_ipc's exceptions."""
+        path = _path(ident)
+        if _DIRECT:
+            os.unlink(SHM_DIR + path)
+        else:
+            posix_ipc.unlink_shared_memory(path)
+
+    _REMEDY = (
+        "Free space in /dev/shm, start the container with a larger "
+        "--shm-size, or use backend='mmap' with dir= on a larger disk."
+    )
 
     def unlink(self, ident: str) -> None:
         try:
@@ -315,6 +314,8 @@ class PosixBackend(FileBackend):
         except FileNotFoundError:
             return False
         return True
+
+    # -- what exists, and where
 
     def list(self) -> list[SegmentInfo]:
         if not sys.platform.startswith("linux"):

@@ -34,9 +34,10 @@ from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import sysv_ipc
 
-from .. import _system
+from .. import _sysinfo
 from . import _huge
-from ._base import Attachment, Backend, SegmentInfo, format_size, is_utf8, no_space, release_view
+from ._base import Attachment, Backend, SegmentInfo
+from ._util import format_size, is_utf8, no_space, release_view
 
 __all__ = ["SysVBackend", "key_for"]
 
@@ -123,7 +124,7 @@ def _proc_segments() -> Optional[list[_ProcEntry]]:
 
 def _meminfo(field: str) -> Optional[int]:
     """A /proc/meminfo figure, in bytes."""
-    return _system.meminfo().get(field)
+    return _sysinfo.meminfo().get(field)
 
 
 class _ShmidDs(ctypes.Structure):
@@ -272,7 +273,10 @@ class SysVBackend(Backend):
 
     name = "sysv"
     option_names = _huge.OPTIONS
+    checked_flags = _huge.OPTIONS
     storage = "System V shared memory"
+
+    # -- names
 
     def parse(self, ident: str, options: Mapping[str, Any]) -> str:
         self.check_options(options)
@@ -302,23 +306,34 @@ class SysVBackend(Backend):
     def qualified(self, ident: str) -> str:
         return f"{self.name}:{ident}"
 
-    def free_space(self, options: Mapping[str, Any]) -> Optional[int]:
-        """Pages kernel.shmall still allows (segments marked for removal but
-        still attached count until their last detach), or None where it is
-        no limit."""
-        shmall = _system.read_int("/proc/sys/kernel/shmall")
-        page = os.sysconf("SC_PAGE_SIZE")
-        if shmall is None or shmall * page >= _NO_LIMIT:
-            return None
-        entries = _proc_segments()
-        if entries is None:
-            return None
-        return max(0, shmall - sum(-(-e.size // page) for e in entries)) * page
+    def listed_ident(self, ident: str) -> str:
+        return f"0x{key_for(ident):08x}"  # a name of the user's own is listed by its key
+
+    # -- creating
+
+    def _shmget_new(self, key: int, size: int, huge: bool) -> int:
+        """A new segment's id (libc's shmget, mode 0600); with *huge*, made with
+        SHM_HUGETLB when enough huge pages are free, else with normal pages."""
+        assert _libc is not None
+        flags = sysv_ipc.IPC_CREX | 0o600
+        if huge:
+            page, free = _huge.hugetlb_pages()
+            if page and free * page >= size:
+                shmid = _libc.shmget(key, size, flags | sysv_ipc.SHM_HUGETLB)
+                if shmid >= 0:
+                    return shmid
+                if _libc.errno() == errno.EEXIST:
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+        shmid = _libc.shmget(key, size, flags)
+        if shmid < 0:
+            error = _libc.errno()
+            raise OSError(error, os.strerror(error))
+        return shmid
 
     def _no_space(self, ident: str, size: int, refusal: BaseException) -> OSError:
         """The ENOSPC error for a refused creation, with the limit that applies."""
         entries = _proc_segments()
-        shmmni = _system.read_int("/proc/sys/kernel/shmmni")
+        shmmni = _sysinfo.read_int("/proc/sys/kernel/shmmni")
         if (entries is not None and shmmni is not None and len(entries) >= shmmni
                 and getattr(refusal, "errno", None) == errno.ENOSPC):
             return OSError(
@@ -329,8 +344,8 @@ class SysVBackend(Backend):
                 "or use the posix or mmap backend.",
                 self.qualified(ident),
             )
-        shmmax = _system.read_int("/proc/sys/kernel/shmmax")
-        shmall = _system.read_int("/proc/sys/kernel/shmall")
+        shmmax = _sysinfo.read_int("/proc/sys/kernel/shmmax")
+        shmall = _sysinfo.read_int("/proc/sys/kernel/shmall")
         page = os.sysconf("SC_PAGE_SIZE")
         free: Optional[int] = None
         if shmall is not None and shmall * page < _NO_LIMIT:
@@ -344,7 +359,7 @@ class SysVBackend(Backend):
             available = _meminfo("MemAvailable")
             free = available if free is None or available is None else min(free, available)
             limits += (", the kernel would not commit that much memory (vm.overcommit_memory"
-                       f" = {_system.read_int('/proc/sys/vm/overcommit_memory')})")
+                       f" = {_sysinfo.read_int('/proc/sys/vm/overcommit_memory')})")
         return no_space(f"{self.storage} ({limits}; {refusal})", size, free, _REMEDY)
 
     def _no_memory(self, ident: str, size: Optional[int]) -> OSError:
@@ -358,10 +373,6 @@ class SysVBackend(Backend):
             "process's address space limit, ulimit -v, or the memory the system commits)",
             self.qualified(ident),
         )
-
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        super().check_options(options)
-        _huge.check(options)
 
     def _refused(self, ident: str, size: int, exc: BaseException) -> BaseException:
         """The exception for a creation that shmget refused with *exc*."""
@@ -385,25 +396,6 @@ class SysVBackend(Backend):
                 errno.ENOSPC, errno.ENOMEM, errno.EINVAL, None):
             return exc
         return self._no_space(ident, size, exc)
-
-    def _shmget_new(self, key: int, size: int, huge: bool) -> int:
-        """A new segment's id (libc's shmget, mode 0600); with *huge*, made with
-        SHM_HUGETLB when enough huge pages are free, else with normal pages."""
-        assert _libc is not None
-        flags = sysv_ipc.IPC_CREX | 0o600
-        if huge:
-            page, free = _huge.hugetlb_pages()
-            if page and free * page >= size:
-                shmid = _libc.shmget(key, size, flags | sysv_ipc.SHM_HUGETLB)
-                if shmid >= 0:
-                    return shmid
-                if _libc.errno() == errno.EEXIST:
-                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
-        shmid = _libc.shmget(key, size, flags)
-        if shmid < 0:
-            error = _libc.errno()
-            raise OSError(error, os.strerror(error))
-        return shmid
 
     def create(self, ident: str, size: int, options: Mapping[str, Any]) -> Attachment:
         if not 0 < size <= sys.maxsize:  # sysv_ipc would wrap it modulo 2**64
@@ -447,7 +439,7 @@ class SysVBackend(Backend):
     #: one ``madvise(MADV_POPULATE_WRITE)`` before copying.
     _POPULATE_FROM = 64 << 10
 
-    def _before_copy(self, ident: str, attachment: Attachment) -> None:
+    def before_copy(self, ident: str, attachment: Attachment) -> None:
         """A System V segment has no file descriptor to write through, and
         copying into its fresh mapping takes a page fault per page: asking
         the kernel to fault the whole mapping in first (Linux 5.14+) makes
@@ -479,6 +471,8 @@ class SysVBackend(Backend):
                 pass
             raise
         return segment
+
+    # -- attaching
 
     def _open(self, ident: str, writable: bool) -> _Segment:
         key = _signed(key_for(ident))
@@ -531,6 +525,8 @@ class SysVBackend(Backend):
         if _huge.flag(options, "prefault"):
             _huge.madvise(segment.address, attachment.size, _huge.MADV_POPULATE_READ)
         return attachment
+
+    # -- removing, and proving what a name holds
 
     def unlink(self, ident: str) -> None:
         if _libc is not None:
@@ -594,9 +590,6 @@ class SysVBackend(Backend):
         found = self._find(ident)
         return None if found is None else found[1].identity(found[0])
 
-    def listed_ident(self, ident: str) -> str:
-        return f"0x{key_for(ident):08x}"  # a name of the user's own is listed by its key
-
     def claim_identity(self, ident: str, pid: int) -> Optional[str]:
         # The kernel records who created a segment (cpid, cuid): a claim names
         # them before the segment exists.
@@ -637,6 +630,8 @@ class SysVBackend(Backend):
             return False
         return True
 
+    # -- what exists, and where
+
     def list(self) -> list[SegmentInfo]:
         found = []
         for e in _proc_segments() or []:
@@ -658,10 +653,23 @@ class SysVBackend(Backend):
             )
         return found
 
+    def free_space(self, options: Mapping[str, Any]) -> Optional[int]:
+        """Pages kernel.shmall still allows (segments marked for removal but
+        still attached count until their last detach), or None where it is
+        no limit."""
+        shmall = _sysinfo.read_int("/proc/sys/kernel/shmall")
+        page = os.sysconf("SC_PAGE_SIZE")
+        if shmall is None or shmall * page >= _NO_LIMIT:
+            return None
+        entries = _proc_segments()
+        if entries is None:
+            return None
+        return max(0, shmall - sum(-(-e.size // page) for e in entries)) * page
+
     def available(self) -> Optional[str]:
         if not sys.platform.startswith(("linux", "freebsd", "darwin")):
             return f"System V shared memory is not supported on {sys.platform}"
-        shmmax = _system.read_int("/proc/sys/kernel/shmmax")
+        shmmax = _sysinfo.read_int("/proc/sys/kernel/shmmax")
         if shmmax is not None and shmmax < 4096:
             return f"kernel.shmmax is {format_size(shmmax)}: too small for any segment"
         return None

@@ -1,6 +1,6 @@
 """The ``bench`` subcommand: :class:`mpshm.pool.Pool` against pickling and the
 standard library's SharedMemory, side by side (what is measured and how:
-:mod:`mpshm._poolbench`).
+:mod:`mpshm.bench.pool`).
 
 This module holds the command line: the options, the progress display on
 stderr, the table on stdout, the JSON file and the chart. (The project's
@@ -23,6 +23,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence, TextIO
 
 from .. import backends as registry
+from ..bench import DIRECTIONS, GIB, KIB, MIB, label
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -38,16 +39,14 @@ __all__ = [
     "run",
 ]
 
-KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 DEFAULT_SIZES = ("1M", "16M", "256M", "1G")
 DEFAULT_REPEAT = 3
 # --quick: small sizes and fewer rounds (never fewer than 3 per figure: see
-# mpshm._poolbench.MIN_ROUNDS), so that the whole run (pool start-up included)
+# mpshm.bench.pool.MIN_ROUNDS), so that the whole run (pool start-up included)
 # stays under a minute on a busy 2-core machine.
 QUICK_SIZES = ("1M", "16M", "64M")
 QUICK_REPEAT = 1
 DEFAULT_BACKENDS = ("posix", "sysv", "mmap")
-DIRECTIONS = ("send", "args", "results")
 NUMPY_MISSING = "mpshm bench needs NumPy: pip install 'mpshm[bench]'"
 MATPLOTLIB_MISSING = "mpshm bench --plot needs matplotlib: pip install 'mpshm[plot]'"
 
@@ -80,14 +79,6 @@ def parse_size(text: str) -> int:
     if nbytes < 8:
         raise argparse.ArgumentTypeError(f"size {text!r} is below one float64 (8 bytes)")
     return nbytes
-
-
-def label(nbytes: int) -> str:
-    """Bytes as people read them: 1048576 -> '1 MiB' (exact units only)."""
-    for unit, name in ((GIB, "GiB"), (MIB, "MiB"), (KIB, "KiB")):
-        if nbytes >= unit and nbytes % unit == 0:
-            return f"{nbytes // unit} {name}"
-    return f"{nbytes} B"
 
 
 def _backend_name(text: str) -> str:
@@ -434,7 +425,7 @@ def run(args: argparse.Namespace,
         return 2 if args.backends else 1
     preshared = chosen[0]
 
-    from .. import _poolbench
+    from ..bench import pool as _poolbench
 
     sizes = sorted(set(args.sizes or [parse_size(s) for s in
                                       (QUICK_SIZES if args.quick else DEFAULT_SIZES)]))

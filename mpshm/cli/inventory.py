@@ -2,7 +2,7 @@
 
 Both start from the same inventory (:func:`inventory`): every segment each
 backend can list, joined with what the trackers' journals (see
-:mod:`mpshm._journal`) say about it and with what ``/proc`` says about the
+:mod:`mpshm.tracking.journal`) say about it and with what ``/proc`` says about the
 processes involved.
 
 * **mpshm's own** segments are the ones a tracker journaled (tracked
@@ -41,11 +41,12 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Optional, Sequence
 
-from .. import _journal, backends
-from .._tracker import alive, carriers
+from .. import backends
+from .._paths import default_dir
+from .._sysinfo import alive, carriers
 from ..backends import Backend, SegmentInfo
 from ..backends._base import format_size
-from ..backends.mmapfile import default_dir
+from ..tracking import journal as _journal
 
 __all__ = ["Segment", "add_parsers", "collect", "gc", "inventory"]
 

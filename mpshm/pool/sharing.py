@@ -1,53 +1,8 @@
-"""``Pool``, ``ProcessPoolExecutor`` and ``get_context``: task arguments and
-results travel through shared memory.
-
-:func:`get_context` returns a :mod:`multiprocessing` context whose queues
-pickle with :class:`mpshm.reduction.SharingPickler`. Give it to the standard
-library's classes (``multiprocessing.Pool(context=ctx)``,
-``concurrent.futures.ProcessPoolExecutor(mp_context=ctx)``) or use
-:class:`Pool` and :class:`ProcessPoolExecutor`, which build one for
-themselves and also end its bookkeeping when they end. Nothing global
-changes: other pools, :class:`multiprocessing.reduction.ForkingPickler` and
-the standard library's resource tracker are left as they were.
-
-What travels how: buffers of ``share_threshold`` bytes or more (NumPy
-arrays, ``memoryview``, pickle protocol 5 buffers) are copied once into a
-fresh segment and sent as a handle; arrays already in a segment (see
-:mod:`mpshm.numpy`), :class:`~mpshm.SharedMemory` and
-:class:`~mpshm.ShareableList` are sent by handle without copying; the rest
-is pickled as usual. The same buffer sent in many tasks of one ``map`` is
-copied once. A receiver gets a copy as :class:`multiprocessing.pool.Pool`
-would deliver it: writable, its own (a private mapping of the segment, or,
-on System V, a copy out of it; see :mod:`mpshm.reduction`).
-
-Lifetimes:
-
-* a segment made to carry a task's arguments is the pool's: once the task's
-  result is back it is kept warm and reused for a later task's arguments,
-  but only after the worker has reported that no view of it is left there
-  (a worker that keeps its argument beyond the task keeps valid, unchanging
-  data; that segment is never reused); arrays sent by reference are kept
-  alive by the pool until the task is done;
-* a result's segment belongs to the receiver while it has a view of it;
-  then it too is kept warm, and offered to workers to write later results
-  into (copying into a warm segment runs at memcpy speed, into a fresh one
-  at the speed the kernel allocates pages);
-* warm segments are bounded by ``cache_bytes`` (see :func:`get_context`) and
-  destroyed after 5 idle seconds (``MPSHM_CACHE_IDLE``) or when the pool
-  ends; each worker likewise keeps its mappings of segments it was sent, so
-  that a segment sent again is not mapped again (an identity check makes
-  sure a name reused by a new segment is never read as the old one). With
-  ``cache_bytes=0`` every copy goes to a fresh segment, destroyed as soon as
-  its task's result is back (by :data:`mpshm.reduction.reaper`'s thread),
-  and a result's name is destroyed once the receiver's last view is gone;
-* whatever is still in flight when the pool ends (``terminate()``, ``join()``,
-  the end of a ``with`` block, ``shutdown()``, or the pool being garbage
-  collected) is destroyed then; if the parent process is killed (SIGKILL
-  included), at once, and its workers exit instead of waiting forever.
-
-The bookkeeping is a :class:`mpshm.tracking.Scope` per context: the
-program's tracker destroys what it holds when the scope closes or the
-process that owns it dies.
+"""The sharing context of a pool, in every process: how its messages are
+pickled (carriers that lend task arguments and give results, the copy
+budget, the plain-call fast path), how they are unpickled (the parent's and
+the workers' receivers), and the queues that carry them. :mod:`mpshm.pool`
+builds pools and contexts on it.
 """
 
 from __future__ import annotations
@@ -70,15 +25,15 @@ import time
 import traceback
 import types
 import weakref
-from multiprocessing import connection, context, util
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, Iterable, Optional
 
-from . import _cache, reduction, tracking
-from .reduction import DEFAULT_THRESHOLD, Carrier, SharingPickler
-
-__all__ = ["Pool", "ProcessPoolExecutor", "SharingContext", "get_context"]
-
+from .. import _mappings, backends, reduction, tracking
+from .._mappings import FreeSpace, Room, default_limit, fits
+from .._sysinfo import check_machine
+from ..errors import HandleError
+from ..reduction import Carrier, SharingPickler
+from .warm import Warm, WarmSegments
 
 # --------------------------------------------------------------------------
 # Which task a message belongs to
@@ -151,7 +106,7 @@ class _Deferred:
     """(A worker) a task's function with its arguments, which it lets go of
     when called: the standard library's worker holds its task until the
     result is sent, so without this a task's argument segments would stay
-    in use (leased, see :class:`~mpshm._cache.MappingCache`) until the next
+    in use (leased, see :class:`~mpshm._mappings.MappingCache`) until the next
     result, and the parent could reuse them one task later."""
 
     __slots__ = ("args", "fn", "kwargs")
@@ -213,7 +168,7 @@ class _Loan:
 
     def __init__(
         self, segment: Optional[reduction.Segment], source: Any, key: Any,
-        warm: Optional[_cache.Warm] = None,
+        warm: Optional[Warm] = None,
     ) -> None:
         self.segment = segment
         self.source = source  # keeps the buffer's address from being reused
@@ -251,13 +206,13 @@ class _Budget:
     """The bytes of task arguments a pool's parent may hold copied into
     segments at once (``copy_budget`` of :func:`get_context`): *limit*, or
     by default :data:`BUDGET_FRACTION` of the room of the storage (its
-    ``free()`` space; see :class:`mpshm._cache.Room`), or a quarter of
+    ``free()`` space; see :class:`mpshm._mappings.Room`), or a quarter of
     physical memory, at most 4 GiB, where that is unknown. A copy that would overrun it waits until
     tasks in flight are done; one larger than the whole budget goes when
     nothing else is in flight (then it succeeds or fails alone), and so does
     a message (a chunk of tasks) whose copies together are."""
 
-    def __init__(self, limit: Optional[int], free: Optional[_cache.FreeSpace]) -> None:
+    def __init__(self, limit: Optional[int], free: Optional[FreeSpace]) -> None:
         self.limit = limit
         self.used = 0
         self.last = 0  # the latest copy's size (what the next is expected to need)
@@ -267,14 +222,14 @@ class _Budget:
         # of room only when results arrive (see spent()).
         self.prompt = False
         self._cond = threading.Condition(threading.Lock())
-        self._room = _cache.Room(free, lambda: self.used)
+        self._room = Room(free, lambda: self.used)
 
     def allowance(self) -> int:
         """Bytes the copies in flight may take now."""
         if self.limit is not None:
             return self.limit
         room = self._room()
-        return _cache.default_limit() if room is None else int(room * BUDGET_FRACTION)
+        return default_limit() if room is None else int(room * BUDGET_FRACTION)
 
     def _fits(self, nbytes: int, own: int = 0) -> bool:  # (lock held)
         return (self.closed or self.used <= own
@@ -309,7 +264,7 @@ class _Budget:
         of copies no task uses, or other copies in flight are done (waited
         for here, a second at most), or, alone, once after workers have
         dropped their mappings of segments destroyed meanwhile (which hold
-        their memory: see :data:`mpshm._cache.SWEEP_INTERVAL`). An executor's
+        their memory: see :data:`mpshm._mappings.SWEEP_INTERVAL`). An executor's
         manager thread only tries that last."""
         if tries >= FULL_TRIES or _terminating():
             return False
@@ -323,7 +278,7 @@ class _Budget:
                         return not self.closed
         if tries >= 2:
             return False
-        time.sleep(_cache.SWEEP_INTERVAL * 1.5)
+        time.sleep(_mappings.SWEEP_INTERVAL * 1.5)
         return True
 
     def release(self, nbytes: int) -> None:
@@ -379,6 +334,10 @@ class _LoanCarrier(_PoolCarrier):
 
     def registry(self) -> Any:
         return self.sharing.scope
+
+    def abandon(self, pickler: SharingPickler) -> None:
+        """What this message had lent goes (copies shared with its batch stay)."""
+        self.sharing._release(self.used)
 
     def carry(self, raw: memoryview, address: int) -> tuple[reduction.Segment, int]:
         sharing = self.sharing
@@ -436,7 +395,7 @@ class _GiveCarrier(_PoolCarrier):
     """Copies buffers into segments the receiver takes over; registered with
     *registry* (the pool's scope, or a worker's membership of it). In a
     worker, a result is written into a spare the parent offered with the
-    task, if one fits (see :mod:`mpshm._cache`)."""
+    task, if one fits (see :mod:`mpshm.pool.warm`)."""
 
     def __init__(self, sharing: _Sharing, registry: Any) -> None:
         super().__init__(sharing)
@@ -456,7 +415,7 @@ class _GiveCarrier(_PoolCarrier):
     def carry(self, raw: memoryview, address: int) -> tuple[reduction.Segment, int]:
         spares = self.sharing.spares if self._use_spares else []
         for i, spare in enumerate(spares):
-            if not _cache.fits(raw.nbytes, spare.size):
+            if not fits(raw.nbytes, spare.size):
                 continue
             del spares[i]
             try:
@@ -489,11 +448,11 @@ def _check_copy_budget(value: Optional[int]) -> Optional[int]:
 def _check_cache_bytes(value: Optional[int]) -> int:
     """*cache_bytes* as given to :func:`get_context` (None: the default)."""
     if value is None:
-        return _cache.default_limit()
+        return default_limit()
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(
             f"cache_bytes must be a number of bytes >= 0 (0 turns the warm-segment cache "
-            f"off, None means {_cache.default_limit()}), not {value!r}"
+            f"off, None means {default_limit()}), not {value!r}"
         )
     return value
 
@@ -510,8 +469,7 @@ class _Process:
 
 
 _process = _Process
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_Process.forked)
+os.register_at_fork(after_in_child=_Process.forked)
 
 #: What :meth:`_Sharing.dumps` makes of None (a pool's wake-up and stop
 #: signals), as the standard library's pickler does.
@@ -543,8 +501,51 @@ def _sharing_of(token: str, pid: int, state: bytes) -> _Sharing:
 #: sharing objects of their own. A forked child starts without the leases
 #: it inherited (they are its parent's to report).
 _worker_leases: list[tuple[str, str, Any]] = []
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_worker_leases.clear)
+os.register_at_fork(after_in_child=_worker_leases.clear)
+
+
+class _WorkerReceiver(reduction.Receiver):
+    """How a pool's worker takes its tasks' buffers: mappings are kept for
+    the next task, and the leases of arguments recorded (in
+    :data:`_worker_leases`) to be reported gone with a later result."""
+
+    cache = True
+    leases = _worker_leases
+
+
+_worker_receiver = _WorkerReceiver()
+
+
+class _ParentReceiver(reduction.Receiver):
+    """How a pool's parent takes its results' buffers: their segments join
+    the pool's warm segments once the result's last view is gone."""
+
+    cache = True
+
+    def __init__(self, warm: WarmSegments) -> None:
+        self.warm = warm
+
+    def adopt(self, descriptor: reduction.Descriptor) -> Optional[memoryview]:
+        warm = self.warm
+        check_machine(descriptor.machine, descriptor.name)
+        entry = warm.find(descriptor.backend, descriptor.ident)
+        if entry is None:
+            if descriptor.kind == "spare":
+                raise HandleError(
+                    f"invalid shared memory handle: {descriptor.name!r} is not a segment "
+                    "this pool lent"
+                )
+            owner = reduction.attach_owner(
+                descriptor.backend, descriptor.ident, descriptor.name, descriptor.size,
+                descriptor.machine, shareable=False,
+            )
+            entry = warm.add(
+                reduction.Segment(backends.get(descriptor.backend), descriptor.ident,
+                                  descriptor.name, descriptor.size),
+                owner,
+            )
+        warm.result_size(descriptor.nbytes)
+        return warm.lease(entry, descriptor.offset, descriptor.nbytes, descriptor.readonly)
 
 
 class _Sharing:
@@ -558,7 +559,8 @@ class _Sharing:
     """
 
     #: The parent's warm segments (None in workers, or with ``cache_bytes=0``).
-    warm: Optional[_cache.WarmSegments]
+    warm: Optional[WarmSegments]
+    _receiver: Optional[_ParentReceiver]
     #: The copy budget (the parent's only).
     budget: Optional[_Budget]
 
@@ -581,10 +583,11 @@ class _Sharing:
         free = functools.partial(self.backend.free_space, options)
         self.budget = _Budget(self.copy_budget, free)
         if self.cache_bytes != 0:
-            self.warm = _cache.WarmSegments(self._destroy, self.cache_bytes, free=free)
+            self.warm = WarmSegments(self._destroy, self.cache_bytes, free=free)
+            self._receiver = _ParentReceiver(self.warm)
 
     def _destroy(self, segments: list[reduction.Segment]) -> None:
-        reduction.reaper.later(reduction.discard, segments, self.scope)
+        _mappings.reaper.later(reduction.discard, segments, self.scope)
 
     def _setup(self) -> None:
         self.lock = threading.Lock()
@@ -599,9 +602,10 @@ class _Sharing:
         self._member: Optional[_GiveCarrier] = None
         self._member_pid = 0
         self.warm = None
+        self._receiver = None
         # Spares offered with a task, by task key (the parent), and those of
         # the task being run (a worker).
-        self.offered: dict[Any, list[_cache.Warm]] = {}
+        self.offered: dict[Any, list[Warm]] = {}
         self.spares: list[reduction.Segment] = []
         self.budget = None
         self._local = threading.local()  # each thread's pickler (see _pickler)
@@ -625,7 +629,6 @@ class _Sharing:
         return _sharing_of, wire
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        from . import backends
 
         self.backend = backends.get(state["backend"])
         self.threshold = state["threshold"]
@@ -638,7 +641,7 @@ class _Sharing:
 
     def lend(
         self, raw: memoryview, fresh: Callable[[], tuple[reduction.Segment, int]],
-    ) -> tuple[reduction.Segment, Optional[_cache.Warm]]:
+    ) -> tuple[reduction.Segment, Optional[Warm]]:
         """A segment holding a copy of *raw* for a task: a warm one if one
         fits, else ``fresh()``'s (kept warm afterwards if the cache can)."""
         warm = self.warm
@@ -709,7 +712,7 @@ class _Sharing:
         else:
             file = io.BytesIO()
             pickler = SharingPickler(file, carrier, table)
-        reduction.dump(pickler, obj, functools.partial(self._cleanup, carrier))
+        reduction.dump(pickler, obj, carrier.abandon)
         extra = None
         if key is not None:  # a task: its copies live until its result is back
             assert isinstance(carrier, _LoanCarrier)
@@ -740,13 +743,6 @@ class _Sharing:
         local.pickler = (pickler, file, table)
         return data
 
-    def _cleanup(self, carrier: Carrier, failed: SharingPickler) -> None:
-        """What a message that could not be pickled had made or lent goes."""
-        if isinstance(carrier, _LoanCarrier):
-            self._release(carrier.used)
-        else:
-            reduction.discard(failed.made, carrier.registry())
-
     def _released(self) -> Optional[dict[str, Any]]:
         """(A worker) task arguments whose views are all gone, to report."""
         released: list[tuple[str, str, Any]] = []
@@ -768,27 +764,22 @@ class _Sharing:
             return None
         main, descriptors, about, extra = reduction.split_message(data)
         owner = _process.pid == self.pid
-        receiving = _cache.receiving
+        receiver: Optional[reduction.Receiver] = None
         if self.cache_bytes != 0:
-            receiving.active = True
             if owner:
-                receiving.warm = self.warm
+                receiver = self._receiver
             else:
-                receiving.leases = _worker_leases
+                receiver = _worker_receiver
                 if about is not None and about[-1] == "task":
                     spares = [] if extra is None else extra.get("spares", [])
                     self.spares = [spare for spare in spares
                                    if isinstance(spare, reduction.Segment)]
         try:
-            obj = reduction.load_parts(main, descriptors)
+            obj = reduction.load_parts(main, descriptors, receiver)
         except Exception as exc:
             if about is None:
                 raise
             obj = _substitute(about, exc)
-        finally:
-            receiving.active = False
-            receiving.warm = None
-            receiving.leases = None
         if not owner and about is not None and about[-1] == "task" and self.cache_bytes != 0:
             # Its argument segments are then reported free with its own result.
             obj = _defer_arguments(obj)
@@ -840,9 +831,9 @@ class _Sharing:
             # the budget by whatever the reaper's thread has not done yet.
             reduction.discard(segments, self.scope)
         elif segments:  # off this thread: see reduction.reaper
-            reduction.reaper.later(reduction.discard, segments, self.scope)
+            _mappings.reaper.later(reduction.discard, segments, self.scope)
             if later and budget is not None:  # (its memory is back now)
-                reduction.reaper.later(budget.release, later)
+                _mappings.reaper.later(budget.release, later)
 
     def evict_idle(self) -> bool:
         """Let go of the copies kept for later tasks of a batch that no task
@@ -906,7 +897,7 @@ class _Sharing:
                 self.open_batches.clear()
             # What this process lent is destroyed before close() returns; the
             # tracker destroys the rest (results workers made and never sent).
-            reduction.reaper.drain()
+            _mappings.reaper.drain()
             held = {} if self.warm is None else {
                 (seg.backend.name, seg.ident): seg for seg in self.warm.close()}
             for loan in loans.values():
@@ -1026,6 +1017,19 @@ _COLLECTIONS = frozenset({list, tuple, set, frozenset})
 _SCAN_LIMIT = 256
 
 
+_locate_array: Optional[Callable[[Any], Any]] = None
+
+
+def _in_segment(arr: Any) -> bool:
+    """Whether NumPy array *arr* lies in a segment (it is sent by handle)."""
+    global _locate_array
+    if _locate_array is None:
+        from ..numpy import locate_array
+
+        _locate_array = locate_array
+    return _locate_array(arr) is not None
+
+
 def _inline_only(values: Iterable[Any], threshold: int) -> bool:
     """Whether *values* are :data:`_INLINE` values, NumPy scalars, NumPy
     arrays smaller than *threshold* bytes that are in no segment, or lists,
@@ -1056,7 +1060,7 @@ def _inline_only(values: Iterable[Any], threshold: int) -> bool:
             pending.extend(value.values())
         elif kind is ndarray:
             if (value.nbytes >= threshold or value.dtype.hasobject
-                    or reduction.locate_array(value) is not None):
+                    or _in_segment(value)):
                 return False
         elif generic is None or not issubclass(kind, generic) or kind is void:
             return False  # (a structured scalar may hold objects)
@@ -1201,510 +1205,3 @@ def _fail_call(queue: Any, exc: Exception, obj: Any) -> bool:
     if work_item is not None:
         work_item.future.set_exception(exc)
     return True
-
-
-# --------------------------------------------------------------------------
-# A pool's initializer arguments
-
-
-class _InitargsCarrier(_PoolCarrier):
-    """Copies the buffers of one pool's ``initargs`` into segments that live
-    as long as the pool (or its context): each buffer once, however many
-    workers are started (and replaced, with ``maxtasksperchild``)."""
-
-    kind = "loan"  # the parent's: workers map it and never destroy it
-
-    def __init__(self, sharing: _Sharing) -> None:
-        super().__init__(sharing)
-        self.sharing = sharing
-        self.lock = threading.Lock()
-        # (address, size) -> the copy, and the buffer's exporter (kept alive
-        # so that no other buffer takes its address).
-        self.copies: dict[tuple[int, int], tuple[reduction.Segment, Any]] = {}
-        self.segments: dict[tuple[str, str], reduction.Segment] = {}
-
-    def registry(self) -> Any:
-        return self.sharing.scope
-
-    def carry(self, raw: memoryview, address: int) -> tuple[reduction.Segment, int]:
-        key = (address, raw.nbytes)
-        with self.lock:
-            found = self.copies.get(key)
-            if found is None:
-                segment, _ = super().carry(raw, address)
-                self.segments[(segment.backend.name, segment.ident)] = segment
-                found = self.copies[key] = (segment, raw.obj)
-        return found[0], 0
-
-    def dumps(self, initargs: tuple[Any, ...]) -> bytes:
-        """*initargs* pickled for one worker: what is pickled is the
-        worker's own (connections, say, are passed to that process alone);
-        large buffers are in this pool's segments."""
-        file = io.BytesIO()
-        pickler = SharingPickler(file, self, _dispatch_table())
-        reduction.dump(pickler, initargs, self._keep)
-        self._keep(pickler)
-        return reduction.envelope(file.getvalue(), pickler.descriptors)
-
-    def _keep(self, pickler: SharingPickler) -> None:
-        """Segments *pickler* made (copies of non-contiguous arrays are made
-        per pickle) end with the pool too."""
-        with self.lock:
-            for segment in pickler.made:
-                self.segments[(segment.backend.name, segment.ident)] = segment
-
-    def close(self) -> None:
-        """The pool has ended: destroy its copies."""
-        with self.lock:
-            segments = list(self.segments.values())
-            self.segments.clear()
-            self.copies.clear()
-        scope = self.sharing.scope
-        if segments and scope is not None and scope.alive():
-            reduction.discard(segments, scope)
-
-
-class _Initargs(tuple):  # type: ignore[type-arg]
-    """A pool's ``initargs`` as its workers' processes are given them: a
-    spawned (or forkserver) worker receives them with their large buffers
-    in shared memory (see :class:`_InitargsCarrier`)."""
-
-    source: Any
-    carrier: _InitargsCarrier
-
-    def __new__(cls, source: Iterable[Any], carrier: _InitargsCarrier) -> _Initargs:
-        self = super().__new__(cls, source)
-        self.source = source  # the pool's own object, to recognise it
-        self.carrier = carrier
-        return self
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return _load_initargs, (self.carrier.dumps(tuple(self)),)
-
-
-def _load_initargs(data: bytes) -> tuple[Any, ...]:
-    return tuple(reduction.loads(data))
-
-
-class _PoolsInitargs:
-    """A context's pools' initargs, by pool (the queue its workers get
-    tasks from, a pool's own): their copies end when the pool does, or
-    with the context."""
-
-    def __init__(self, sharing: _Sharing) -> None:
-        self.sharing = sharing
-        self.lock = threading.Lock()
-        self.pools: weakref.WeakKeyDictionary[Any, _Initargs] = weakref.WeakKeyDictionary()
-        self.carriers: set[_InitargsCarrier] = set()
-
-    def wrap(self, queue: Any, initargs: Any) -> _Initargs:
-        """The initargs to give the worker of the pool whose task queue is
-        *queue*: the same object for all its workers."""
-        with self.lock:
-            wrapped = self.pools.get(queue)
-            if wrapped is not None and wrapped.source is initargs:
-                return wrapped
-            carrier = _InitargsCarrier(self.sharing)
-            self.carriers.add(carrier)
-            wrapped = self.pools[queue] = _Initargs(initargs, carrier)
-        weakref.finalize(queue, self._ended, carrier).atexit = False
-        return wrapped
-
-    def _ended(self, carrier: _InitargsCarrier) -> None:
-        with self.lock:
-            if carrier not in self.carriers:
-                return
-            self.carriers.discard(carrier)
-        reduction.reaper.later(carrier.close)  # (called by the garbage collector)
-
-    def end(self, queue: Any) -> None:
-        """The pool whose task queue is *queue* has ended: its copies go now."""
-        if queue is None:
-            return
-        with self.lock:
-            wrapped = self.pools.pop(queue, None)
-            if wrapped is None or wrapped.carrier not in self.carriers:
-                return
-            self.carriers.discard(wrapped.carrier)
-        wrapped.carrier.close()
-
-    def close(self) -> None:
-        """The context has ended."""
-        with self.lock:
-            carriers = list(self.carriers)
-            self.carriers.clear()
-        for carrier in carriers:
-            carrier.close()
-
-
-def _end_context(initargs: _PoolsInitargs, sharing: _Sharing) -> None:
-    initargs.close()
-    sharing.close()
-
-
-# --------------------------------------------------------------------------
-# Processes and the context
-
-
-def _watch_parent() -> None:
-    """Exit when the parent process dies (a pool's workers would otherwise
-    wait for tasks forever, holding their mappings)."""
-    parent = multiprocessing.parent_process()
-    sentinel = getattr(parent, "_sentinel", None)
-    if sentinel is None:  # pragma: no cover - Python without parent sentinels
-        return
-
-    def watch() -> None:
-        connection.wait([sentinel])
-        os._exit(1)
-
-    threading.Thread(target=watch, name="mpshm-parent-watch", daemon=True).start()
-
-
-class _Watched:
-    """Mixin for worker processes: they exit when their parent dies."""
-
-    _mpshm_watch = False
-
-    def run(self) -> None:
-        if self._mpshm_watch:
-            _watch_parent()
-        super().run()  # type: ignore[misc]
-
-
-class _SpawnProcess(_Watched, context.SpawnProcess):
-    pass
-
-
-_PROCESSES: dict[str, type] = {"spawn": _SpawnProcess}
-if sys.platform != "win32":
-
-    class _ForkProcess(_Watched, context.ForkProcess):
-        pass
-
-    class _ForkServerProcess(_Watched, context.ForkServerProcess):
-        pass
-
-    _PROCESSES.update(fork=_ForkProcess, forkserver=_ForkServerProcess)
-
-# The functions the standard library's pools run in their workers.
-_WORKER_TARGETS = (
-    multiprocessing.pool.worker,  # type: ignore[attr-defined]
-    concurrent.futures.process._process_worker,
-)
-
-
-class SharingContext(context.BaseContext):
-    """A :mod:`multiprocessing` context whose queues pickle with the sharing
-    pickler; see :func:`get_context`."""
-
-    def __init__(
-        self, method: str, backend: Optional[str], share_threshold: int, options: dict[str, Any],
-        cache_bytes: Optional[int] = None, copy_budget: Optional[int] = None,
-    ) -> None:
-        base = multiprocessing.get_context(method)
-        self._name = base.get_start_method()
-        self._base = base
-        self._process_class = _PROCESSES[self._name]
-        self._sharing = _Sharing(backend, share_threshold, options, cache_bytes, copy_budget)
-        self._initargs = _PoolsInitargs(self._sharing)
-        self._finalizer = weakref.finalize(self, _end_context, self._initargs, self._sharing)
-
-    @property
-    def backend(self) -> str:
-        """The backend that carries shared buffers."""
-        return self._sharing.backend.name
-
-    @property
-    def share_threshold(self) -> int:
-        """Buffers of at least this many bytes travel through shared memory."""
-        return self._sharing.threshold
-
-    @property
-    def cache_bytes(self) -> int:
-        """Bytes of warm segments kept for reuse (0: none; see :func:`get_context`)."""
-        return self._sharing.cache_bytes
-
-    @property
-    def copy_budget(self) -> int:
-        """Bytes of task arguments that may be copied into segments at once
-        now (see :func:`get_context`)."""
-        budget = self._sharing.budget
-        assert budget is not None
-        return budget.allowance()
-
-    def Process(self, *args: Any, **kwargs: Any) -> Any:
-        """A process of this context's start method. A pool's or executor's
-        worker exits if its parent dies, and the executor's task queue
-        pickles with the sharing pickler. A spawned (or forkserver) worker
-        gets the pool's ``initargs`` with their large buffers in shared
-        memory, copied once per pool."""
-        process = self._process_class(*args, **kwargs)
-        target = getattr(process, "_target", None)
-        if any(target is worker for worker in _WORKER_TARGETS):
-            process._mpshm_watch = True
-            args = getattr(process, "_args", ())
-            for arg in args:
-                if isinstance(arg, multiprocessing.queues.Queue):
-                    _share_queue(arg, self._sharing)
-            # Both targets: (task queue, result queue, initializer, initargs, ...).
-            if (self._name != "fork" and len(args) > 3 and args[2] is not None
-                    and type(args[3]) in (tuple, list) and args[3]):
-                initargs = self._initargs.wrap(args[0], args[3])
-                process._args = (*args[:3], initargs, *args[4:])
-        return process
-
-    def SimpleQueue(self) -> SimpleQueue:
-        """A simple queue that sends large buffers by handle."""
-        return SimpleQueue(ctx=self, sharing=self._sharing)
-
-    def get_start_method(self, allow_none: bool = False) -> str:
-        """This context's start method."""
-        return self._name
-
-    def set_start_method(self, method: Optional[str], force: bool = False) -> None:
-        """Not possible: a sharing context has a fixed start method."""
-        raise ValueError("cannot change a sharing context's start method; call get_context()")
-
-    def close(self) -> None:
-        """End the bookkeeping: destroy every segment still lent to a task or
-        in flight. Call it once no pool uses this context any more (it also
-        happens when the context is garbage-collected or the program ends)."""
-        self._finalizer()
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        raise TypeError("a sharing context cannot be pickled; pass its settings instead")
-
-
-def get_context(
-    method: Optional[str] = None,
-    *,
-    backend: Optional[str] = None,
-    share_threshold: int = DEFAULT_THRESHOLD,
-    cache_bytes: Optional[int] = None,
-    copy_budget: Optional[int] = None,
-    **options: Any,
-) -> SharingContext:
-    """A :mod:`multiprocessing` context (start method *method*, default as
-    :func:`multiprocessing.get_context`) whose queues send buffers of
-    *share_threshold* bytes or more through segments on *backend*.
-
-    Usable as ``multiprocessing.Pool(context=ctx)`` and
-    ``concurrent.futures.ProcessPoolExecutor(mp_context=ctx)``. Each call
-    makes a new context with its own bookkeeping; :meth:`SharingContext.close`
-    ends it.
-
-    *cache_bytes* bounds the warm memory kept between tasks: segments the
-    parent keeps to reuse for arguments and results, and each worker's
-    mappings of segments it was sent. None (the default) is a quarter of
-    physical memory, at most 4 GiB; 0 turns both caches off (every task's
-    copy goes to a fresh segment, every segment is mapped afresh). What is
-    cached and unused for 5 seconds (``MPSHM_CACHE_IDLE``) is given back to
-    the system. The parent's warm segments also stay within a quarter of
-    the storage's room (its free space plus what they hold; ``statvfs`` at
-    most twice a second), and a creation in this process that finds the
-    storage full gives back every warm segment and tries once more.
-
-    *copy_budget* bounds the bytes of task arguments copied into segments
-    and not yet done with (their tasks in flight), so that ``map`` over any
-    number of inputs needs no more: the pool sends the next task once
-    earlier ones are done. None (the default) is half the storage's room
-    (its free space plus these copies; on ``sysv``, what kernel.shmall
-    still allows; a quarter of physical memory, at most 4 GiB, where that
-    is no limit). An
-    input larger than the budget is sent when nothing else is in flight; one
-    the storage cannot hold fails its own task with ``OSError(ENOSPC)``
-    naming the storage, the size asked and the space free.
-    ``ProcessPoolExecutor`` stops feeding its workers while a copy as large
-    as the latest would overrun the budget.
-    """
-    if method is None:
-        # The program's choice if it made one, else the platform's default
-        # (the first listed); get_start_method() alone would fix the choice.
-        method = (multiprocessing.get_start_method(allow_none=True)
-                  or multiprocessing.get_all_start_methods()[0])
-    if method not in _PROCESSES:
-        raise ValueError(
-            f"unknown start method {method!r}; choose one of {sorted(_PROCESSES)}"
-        )
-    return SharingContext(method, backend, share_threshold, options, cache_bytes, copy_budget)
-
-
-def _context_for(
-    context_or_method: Any, backend: Optional[str], share_threshold: int,
-    options: dict[str, Any],
-) -> SharingContext:
-    cache_bytes = options.pop("cache_bytes", None)
-    copy_budget = options.pop("copy_budget", None)
-    if isinstance(context_or_method, SharingContext):
-        if (backend is not None or share_threshold != DEFAULT_THRESHOLD or options
-                or cache_bytes is not None or copy_budget is not None):
-            raise ValueError(
-                "give backend=, share_threshold=, cache_bytes= and copy_budget= to "
-                "get_context(), not both"
-            )
-        return context_or_method
-    method = None
-    if context_or_method is not None:
-        method = context_or_method.get_start_method()
-    return get_context(method, backend=backend, share_threshold=share_threshold,
-                       cache_bytes=cache_bytes, copy_budget=copy_budget, **options)
-
-
-class _JobCache(multiprocessing.pool._PoolCache):  # type: ignore[name-defined,misc]
-    """A Pool's table of running jobs that opens and ends their batches."""
-
-    sharing: _Sharing
-
-    def __setitem__(self, job: int, result: Any) -> None:
-        # Jobs of many tasks whose input is all there before the first goes
-        # (not imap's: its generator may refill a buffer between items).
-        if isinstance(result, multiprocessing.pool.MapResult):
-            self.sharing.begin_batch(job)
-        super().__setitem__(job, result)
-
-    def __delitem__(self, job: int) -> None:
-        super().__delitem__(job)
-        self.sharing.end_batch(job)
-
-
-class Pool(multiprocessing.pool.Pool):
-    """:class:`multiprocessing.pool.Pool` whose task arguments and results
-    travel through shared memory (see :mod:`mpshm.pool`).
-
-    Same signature as the standard library's, plus keyword-only *backend*
-    (where shared buffers live) and *share_threshold* (the size in bytes from
-    which a buffer is shared rather than pickled inline). *context* may be a
-    standard context (its start method is used) or one from
-    :func:`get_context`.
-    """
-
-    def __init__(
-        self,
-        processes: Optional[int] = None,
-        initializer: Optional[Callable[..., object]] = None,
-        initargs: Iterable[Any] = (),
-        maxtasksperchild: Optional[int] = None,
-        context: Any = None,
-        *,
-        backend: Optional[str] = None,
-        share_threshold: int = DEFAULT_THRESHOLD,
-        **options: Any,
-    ) -> None:
-        self._state = multiprocessing.pool.INIT  # for __del__ if the next line raises
-        ctx = _context_for(context, backend, share_threshold, options)
-        self._mpshm_context = ctx
-        super().__init__(processes, initializer, initargs, maxtasksperchild, ctx)
-        if ctx is not context:  # ours: its bookkeeping ends with the pool
-            self._mpshm_end = util.Finalize(self, ctx.close, exitpriority=10)
-
-    def _get_sentinels(self) -> list[Any]:
-        # What the worker handler thread waits on besides its workers'
-        # sentinels. The standard library's also waits on the result queue,
-        # which that thread never reads: every result wakes it, again and
-        # again until the result handler has taken it (four to five
-        # wake-ups per task: about half the parent's CPU time on a small task).
-        # It needs none of them: workers that exit wake it through their
-        # sentinels, and a drained job table, close() and terminate()
-        # through the change notifier.
-        return [self._change_notifier._reader]  # type: ignore[attr-defined]
-
-    def _repopulate_pool(self) -> Any:
-        cache = self._cache  # type: ignore[attr-defined]
-        if type(cache) is multiprocessing.pool._PoolCache:  # type: ignore[attr-defined]
-            # Learn when a job is over, to keep its copies until then.
-            cache.__class__ = _JobCache
-            cache.sharing = self._mpshm_context._sharing
-        return super()._repopulate_pool()  # type: ignore[misc]
-
-    def terminate(self) -> None:
-        """Stop the workers at once; destroy every segment still in flight."""
-        jobs = list(getattr(self, "_cache", ()))
-        super().terminate()
-        self._end_sharing(jobs)
-
-    def join(self) -> None:
-        """Wait for the workers to exit; then destroy what is left."""
-        super().join()
-        self._end_sharing([])
-
-    def _end_sharing(self, jobs: list[int]) -> None:
-        end = getattr(self, "_mpshm_end", None)
-        if end is not None:
-            end()  # the context is this pool's: all of it ends
-            return
-        ctx = getattr(self, "_mpshm_context", None)
-        if ctx is not None:  # a shared context lives on: this pool's part of it ends
-            ctx._initargs.end(getattr(self, "_inqueue", None))
-            ctx._sharing.forget_jobs(jobs)
-
-
-class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
-    """:class:`concurrent.futures.ProcessPoolExecutor` whose task arguments
-    and results travel through shared memory (see :mod:`mpshm.pool`).
-
-    Same signature as the standard library's, plus keyword-only *backend*
-    and *share_threshold* (as for :class:`Pool`). *mp_context* may be a
-    standard context (its start method is used) or one from
-    :func:`get_context`. The same buffer passed to many calls of one
-    :meth:`map` is copied once.
-    """
-
-    def __init__(
-        self,
-        max_workers: Optional[int] = None,
-        mp_context: Any = None,
-        initializer: Optional[Callable[..., object]] = None,
-        initargs: tuple[Any, ...] = (),
-        *,
-        backend: Optional[str] = None,
-        share_threshold: int = DEFAULT_THRESHOLD,
-        **kwargs: Any,
-    ) -> None:
-        options = {k: kwargs.pop(k) for k in list(kwargs) if k != "max_tasks_per_child"}
-        ctx = _context_for(mp_context, backend, share_threshold, options)
-        self._mpshm_context = ctx
-        self._mpshm_owned = ctx is not mp_context
-        self._mpshm_local = threading.local()
-        super().__init__(max_workers, ctx, initializer, initargs, **kwargs)
-
-    def map(  # type: ignore[override,unused-ignore]
-        self, fn: Callable[..., Any], *iterables: Iterable[Any],
-        timeout: Optional[float] = None, chunksize: int = 1,
-    ) -> Iterator[Any]:
-        """Like :meth:`concurrent.futures.Executor.map`; a buffer passed in
-        many calls is copied into shared memory once."""
-        batch = next(_batches)
-        sharing = self._mpshm_context._sharing
-        sharing.begin_batch(batch)
-        futures: list[concurrent.futures.Future[Any]] = []
-        self._mpshm_local.futures = futures
-        try:
-            results = super().map(_Batch(fn, batch), *iterables, timeout=timeout,
-                                  chunksize=chunksize)
-        except BaseException:
-            sharing.end_batch(batch)
-            raise
-        finally:
-            self._mpshm_local.futures = None
-        _when_all_done(futures, functools.partial(sharing.end_batch, batch))
-        return results
-
-    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Like the standard library's."""
-        future = super().submit(fn, *args, **kwargs)
-        futures = getattr(self._mpshm_local, "futures", None)
-        if futures is not None:
-            futures.append(future)
-        return future
-
-    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Like the standard library's; with *wait*, every segment still in
-        flight is destroyed once the workers are gone."""
-        queue = getattr(self, "_call_queue", None)  # (None once shut down)
-        super().shutdown(wait=wait, cancel_futures=cancel_futures)
-        if wait and self._mpshm_owned:
-            self._mpshm_context.close()
-        elif wait and queue is not None:
-            # A shared context lives on: this executor's initargs copies end.
-            self._mpshm_context._initargs.end(queue)

@@ -1,4 +1,5 @@
-"""The tracker process: ``python -m mpshm._tracker CONN_FD LISTEN_FD [PARENT_PID] [OPTIONS]``.
+"""The tracker process:
+``python -m mpshm.tracking.server CONN_FD LISTEN_FD [PARENT_PID] [OPTIONS]``.
 
 Started by :mod:`mpshm.tracking`; not meant to be run by hand. It reads
 register/unregister messages, waits until the program that started it is
@@ -9,7 +10,7 @@ The one option, ``--adopt ADDRESS`` (repeatable), makes it a replacement:
 the tracker at ``ADDRESS`` (its ``MPSHM_TRACKER`` value) died, and this one
 takes over what that one's journal holds (see :class:`Tracker`).
 
-``python -m mpshm._tracker deliver SOCK_FD PIPE_FD`` is the other use of this
+``python -m mpshm.tracking.server deliver SOCK_FD PIPE_FD`` is the other use of this
 module: a process that ends while its tracker is stalled hands what it could
 not send to such a helper, which waits for the tracker (see
 :mod:`mpshm.tracking`).
@@ -26,9 +27,11 @@ import signal
 import socket
 import sys
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
-from . import _journal, _protocol
+from .._sysinfo import alive, carriers, start_time, started_at
+from . import journal as _journal
+from . import protocol as _protocol
 
 _POLL = 0.05  # seconds between checks of watched processes
 _BATCH = 0.005  # seconds between reads while messages flow (at most)
@@ -44,116 +47,6 @@ _SETTLE_ROUNDS = 100  # reads of whatever is pending before applying ended conne
 #: again (see Tracker._verify): a segment can take long to make (reserving
 #: gigabytes), and its identity may change until it is made.
 _VERIFY_AFTER = (0.1, 1.0, 10.0)
-
-
-def start_time(pid: int) -> Optional[str]:
-    """Start time of *pid* (to tell it from a later process with the same
-    pid), or None if it is gone or a zombie. Without /proc: "?" if alive."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return None
-    except OSError:
-        data = b""
-    if data:
-        fields = data[data.rindex(b")") + 2 :].split()
-        if fields[0] in (b"Z", b"X"):
-            return None
-        return fields[19].decode()
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    return "?"
-
-
-def _uids(pid: int) -> Optional[tuple[int, int]]:
-    """(real, effective) uid of *pid*, from the ``Uid:`` line of
-    /proc/<pid>/status; None if unknown."""
-    try:
-        with open(f"/proc/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"Uid:"):
-                    fields = line.split()
-                    return int(fields[1]), int(fields[2])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
-def carriers(
-    needles: Iterable[bytes], uid: Optional[int] = None
-) -> dict[bytes, dict[int, str]]:
-    """For each of *needles* (``MPSHM_TRACKER=<address>``), the living processes
-    whose environment carries it, as pid -> start time (one pass over /proc).
-
-    Only processes that run as user *uid* (default: this process's effective
-    uid) count, real and effective uid both: anyone can put a tracker's
-    address in the environment of a process of their own (the addresses are
-    in /proc/net/unix), and root can read every process's environment, so
-    without this another user could keep a tracker waiting, and ``mpshm gc``
-    holding back, for as long as they like. The uids come from
-    /proc/<pid>/status, not from the owner of /proc/<pid>: that is root for
-    any process that made itself non-dumpable (prctl), and it is only the
-    effective uid (a set-user-ID program started by someone else has ours).
-    """
-    wanted = set(needles)
-    found: dict[bytes, dict[int, str]] = {}
-    me = os.getpid()
-    user = os.geteuid() if uid is None else uid
-    try:
-        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
-    except OSError:
-        return found
-    for pid in pids:
-        if pid == me:
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = set(f.read().split(b"\0"))
-        except OSError:
-            continue
-        matched = wanted & env
-        if not matched or _uids(pid) != (user, user):
-            continue
-        start = start_time(pid)
-        if start is None:
-            continue
-        for needle in matched:
-            found.setdefault(needle, {})[pid] = start
-    return found
-
-
-def alive(pid: Optional[int], started_by: Optional[float] = None) -> Optional[bool]:
-    """Whether process *pid* is alive (not a zombie) and, given *started_by*
-    (seconds since the epoch), started no later than that (give or take 2 s):
-    a later process with the same pid is not the one meant. None for no pid."""
-    if pid is None or pid <= 0:
-        return None
-    if start_time(pid) is None:
-        return False
-    if started_by is not None:
-        started = started_at(pid)
-        if started is not None and started > started_by + 2.0:
-            return False
-    return True
-
-
-def started_at(pid: int) -> Optional[float]:
-    """When *pid* started, in seconds since the epoch (None if it is gone, a
-    zombie, or /proc does not say)."""
-    start = start_time(pid)
-    if start is None or not start.isdigit():
-        return None
-    try:
-        with open("/proc/stat", "rb") as f:
-            boot = next(int(line.split()[1]) for line in f if line.startswith(b"btime "))
-    except (OSError, StopIteration, ValueError):
-        return None
-    return boot + int(start) / os.sysconf("SC_CLK_TCK")
 
 
 Key = tuple[str, str]
@@ -251,7 +144,7 @@ class Tracker:
         exclusive flock) so that of several replacements started at once
         (forked processes that each found the tracker gone) one takes each.
 
-        A journal qualifies only if :func:`mpshm._journal.read_all` returns it
+        A journal qualifies only if :func:`mpshm.tracking.journal.read_all` returns it
         (it checks who owns the file and the directory), its header names one
         of *addresses* exactly, and its tracker is dead: pid gone, or taken by
         a process that started after that tracker did."""
@@ -345,79 +238,101 @@ class Tracker:
                     pass
             os.close(fd)
 
-    def handle(self, messages: list[dict[str, Any]], conn: Optional[socket.socket] = None) -> None:
+    def handle(
+        self, messages: list[_protocol.Message], conn: Optional[socket.socket] = None
+    ) -> None:
         """Apply the register/unregister messages that came on *conn*.
 
         A segment registered and unregistered within the same batch (created
         and unlinked between two reads) is never journaled: that saves the
         identity lookup and two journal lines per short-lived segment."""
         self.received += len(messages)
-        last_unreg = {(m["b"], m["i"]): n for n, m in enumerate(messages) if m["op"] == "unreg"}
-        unjournaled: set[tuple[str, str]] = set()
+        last_unreg = {m.key: n for n, m in enumerate(messages) if m.op == "unreg"}
+        unjournaled: set[Key] = set()
         for n, msg in enumerate(messages):
-            key = (msg["b"], msg["i"])
-            op = msg["op"]
-            if op == "scope":
-                if conn is not None:
-                    token = msg["i"]
-                    self.scopes[token] = conn
-                    # "join"s that were read before the announcement (another
-                    # connection's messages may be read first).
-                    for joined, entry in self.entries.items():
-                        if entry.get("s") == token and joined not in self.owners:
-                            self.owners[joined] = conn
-            elif op == "join" and key in self.gone:
-                continue  # taken over and unlinked already
-            elif op in ("reg", "own", "join"):
-                msg["t"] = time.time()
-                old = self.entries.get(key)
-                if (old is not None and old.get("id") and msg.get("id")
-                        and old["id"] != msg["id"] and old.get("pid") != msg.get("pid")):
-                    self.shadowed.setdefault(key, {})[str(old["id"])] = old
-                if key not in self.entries and last_unreg.get(key, -1) > n:
-                    unjournaled.add(key)
-                elif key not in unjournaled:
-                    msg = self._journal_put(key, msg)
-                self.entries[key] = msg
-                owner = conn if op == "own" else None
-                if op == "join":  # owned by the scope it names, while that is open
-                    owner = self.scopes.get(str(msg.get("s")))
-                if owner is not None:
-                    self.owners[key] = owner
-                else:
-                    self.owners.pop(key, None)
-            elif op == "unreg":
-                withdrawn = msg.get("id")  # (a registration withdrawn by identity)
-                restored = None
-                if withdrawn is not None:
-                    current = self.entries.get(key)
-                    if current is not None and current.get("id") != withdrawn:
-                        # Another process's registration of the name: it stays.
-                        self.shadowed.get(key, {}).pop(withdrawn, None)
-                        continue
-                    shadows = self.shadowed.get(key)
-                    if shadows:
-                        restored = shadows.pop(next(reversed(shadows)))
-                if not self.shadowed.get(key) or withdrawn is None:
-                    self.shadowed.pop(key, None)
-                removed = self.entries.pop(key, None)
-                self.owners.pop(key, None)
-                if removed is not None:
-                    if key not in unjournaled:
-                        self.journal.drop(key)
-                    unjournaled.discard(key)
-                else:
-                    removed = {"op": "join"}  # unknown: as a join
-                if restored is not None:
-                    self.entries[key] = self._journal_put(key, restored)
-                    continue
-                if removed["op"] == "join":
-                    # A "join" is a fresh random name, registered once or
-                    # twice (SysV adds its identity): any that is read
-                    # after this is stale.
-                    self.gone[key] = None
-                    if len(self.gone) > _GONE:
-                        self.gone.popitem(last=False)
+            if msg.op == "scope":
+                self._scope(msg, conn)
+            elif msg.op in ("reg", "own", "join"):
+                self._register(msg, conn, last_unreg.get(msg.key, -1) > n, unjournaled)
+            elif msg.op == "unreg":
+                self._unregister(msg, unjournaled)
+
+    def _scope(self, msg: _protocol.Message, conn: Optional[socket.socket]) -> None:
+        """A scope's token (``msg.ident``) announced: *conn* owns the scope."""
+        if conn is None:
+            return
+        token = msg.ident
+        self.scopes[token] = conn
+        # "join"s that were read before the announcement (another
+        # connection's messages may be read first).
+        for joined, entry in self.entries.items():
+            if entry.get("s") == token and joined not in self.owners:
+                self.owners[joined] = conn
+
+    def _register(
+        self,
+        msg: _protocol.Message,
+        conn: Optional[socket.socket],
+        unregistered_later: bool,
+        unjournaled: set[Key],
+    ) -> None:
+        """A "reg", "own" or "join": hold the segment (owned by *conn* for
+        "own", by the scope it names for "join"). *unregistered_later*: an
+        "unreg" of it follows in the same batch; *unjournaled*: the keys of
+        this batch left out of the journal (see :meth:`handle`)."""
+        key = msg.key
+        if msg.op == "join" and key in self.gone:
+            return  # taken over and unlinked already
+        entry = _entry(msg)
+        old = self.entries.get(key)
+        if (old is not None and old.get("id") and entry.get("id")
+                and old["id"] != entry["id"] and old.get("pid") != entry.get("pid")):
+            self.shadowed.setdefault(key, {})[str(old["id"])] = old
+        if key not in self.entries and unregistered_later:
+            unjournaled.add(key)
+        elif key not in unjournaled:
+            entry = self._journal_put(key, entry)
+        self.entries[key] = entry
+        owner = conn if msg.op == "own" else None
+        if msg.op == "join":  # owned by the scope it names, while that is open
+            owner = self.scopes.get(str(entry.get("s")))
+        if owner is not None:
+            self.owners[key] = owner
+        else:
+            self.owners.pop(key, None)
+
+    def _unregister(self, msg: _protocol.Message, unjournaled: set[Key]) -> None:
+        """An "unreg": let the segment go (see :attr:`shadowed` for one
+        withdrawn by identity, and :attr:`gone` for the names of "join"s)."""
+        key = msg.key
+        withdrawn = msg.identity  # (a registration withdrawn by identity)
+        restored = None
+        if withdrawn is not None:
+            current = self.entries.get(key)
+            if current is not None and current.get("id") != withdrawn:
+                # Another process's registration of the name: it stays.
+                self.shadowed.get(key, {}).pop(withdrawn, None)
+                return
+            shadows = self.shadowed.get(key)
+            if shadows:
+                restored = shadows.pop(next(reversed(shadows)))
+        if not self.shadowed.get(key) or withdrawn is None:
+            self.shadowed.pop(key, None)
+        removed = self.entries.pop(key, None)
+        self.owners.pop(key, None)
+        if removed is not None:
+            if key not in unjournaled:
+                self.journal.drop(key)
+            unjournaled.discard(key)
+        if restored is not None:
+            self.entries[key] = self._journal_put(key, restored)
+            return
+        if removed is None or removed["op"] == "join":  # (unknown: as a join)
+            # A "join" is a fresh random name, registered once or twice
+            # (SysV adds its identity): any that is read after this is stale.
+            self.gone[key] = None
+            if len(self.gone) > _GONE:
+                self.gone.popitem(last=False)
 
     def _journal_put(self, key: Key, msg: dict[str, Any]) -> dict[str, Any]:
         """Journal a registration with the storage object's identity, so that
@@ -432,7 +347,7 @@ class Tracker:
         it. A segment not there (gone already, or not made yet) is not
         journaled now (but looked for again: see :meth:`_verify`)."""
         if msg.get("id") is None:
-            from . import backends
+            from .. import backends
 
             try:
                 if msg.get("m") and key[0] not in backends.registry:
@@ -454,7 +369,7 @@ class Tracker:
         identities :meth:`_journal_put` looked up (or found none for), and
         journal any that changed or appeared: the segment was still being
         made then."""
-        from . import backends
+        from .. import backends
 
         now = time.monotonic()
         for stage, queue in enumerate(self.recent):
@@ -521,7 +436,7 @@ class Tracker:
         program that inherited a connection (the socket pair, say) and then
         switched to another user must not have us destroy what it names."""
         decoder = self.conns[conn]
-        messages: list[dict[str, Any]] = []
+        messages: list[_protocol.Message] = []
         received = False
         while True:  # drain what is queued, one packet (or chunk) at a time
             try:
@@ -627,7 +542,7 @@ class Tracker:
         entry (:meth:`_take_over`) goes by its journaled identity only, and
         one without is left alone, as is a name anyone may choose registered
         without identity: a later object may have that name."""
-        from . import backends
+        from .. import backends
 
         backend_name, ident = key
         try:
@@ -661,7 +576,7 @@ class Tracker:
 def prune_journals() -> None:
     """Remove the journals of dead trackers that name no existing segment
     (left by a tracker that was killed and replaced): nothing to clean up."""
-    from . import backends
+    from .. import backends
 
     for journal in _journal.read_all():
         started = journal.header.get("t")
@@ -677,6 +592,13 @@ def prune_journals() -> None:
                 os.unlink(journal.path)
             except OSError:
                 pass
+
+
+def _entry(msg: _protocol.Message) -> dict[str, Any]:
+    """The registration *msg* makes, as the tracker holds and journals it,
+    stamped with the time it was read."""
+    return {"op": msg.op, "b": msg.backend, "i": msg.ident, "id": msg.identity,
+            "pid": msg.pid, **msg.extra, "t": time.time()}
 
 
 def _load_backend(backends: Any, name: str, spec: str, path: list[str]) -> None:
@@ -696,7 +618,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     if args and args[0] == "deliver":
-        from .tracking import _deliver
+        from . import _deliver
 
         _deliver(int(args[1]), int(args[2]))
         return

@@ -1,36 +1,24 @@
-"""Warm memory for pools: mappings kept across tasks, segments reused.
+"""What this process has mapped, and the mappings it keeps.
 
-Three caches, all bounded in bytes and given back to the operating system
-when idle (a background thread sweeps them every :data:`SWEEP_INTERVAL`
-seconds):
+* The registry of mappings (:func:`note_mapping`, :func:`find`): which
+  object holds a mapping of which segment, so that the pickler can send a
+  buffer that lies in a segment by reference, and unpickling can reuse a
+  mapping this process already has.
+* The reaper (:data:`reaper`): destroys, in a thread of its own, segments
+  this process took over once their last view is gone.
+* The caches of mappings kept across messages, bounded in bytes and given
+  back when idle (a background thread sweeps them every
+  :data:`SWEEP_INTERVAL` seconds): :class:`MappingCache` (a segment sent
+  again is not mapped again; a hit is checked against the storage object's
+  identity, so a reused name is never mistaken for the old segment) and
+  :class:`PrivateCopies` (a pool worker's private memory of writable
+  arguments, scrubbed and reused, see :func:`scrub`).
+* Leases (:func:`lease`): small objects exporting a range of a mapping,
+  which every view keeps alive, so that a reused segment never changes
+  under anyone who still looks at it.
 
-* :class:`MappingCache`, in every process that receives messages of a pool
-  (its workers, and the parent for results): a segment sent again is not
-  mapped again. A hit is checked against the storage object's identity (one
-  ``stat``-like system call) so that a name reused by a newer segment is never
-  mistaken for the old one; an entry whose name is gone is dropped at the
-  next sweep (nobody can send it again by name).
-* :class:`WarmSegments`, in a pool's parent: segments that carried a task's
-  arguments, or a result the parent is done with, are kept (mapped, pages
-  faulted in) and reused for the next task's arguments, and offered to
-  workers as *spares* to write their results into. Copying into a warm
-  segment runs at memcpy speed; into a fresh one, at the speed the kernel
-  can allocate and zero pages.
-* :class:`PrivateCopies`, in a pool's workers: the private memory that
-  writable copies of task arguments were received in (copy-on-write
-  mappings, or System V's copies), kept for the next task once the copy is
-  gone and what it wrote is dropped (:func:`scrub`).
-
-A reused segment must not change under anyone who still looks at it. The
-receiving side of a reused segment gets its views through a *lease*
-(:func:`lease`): a small object exporting the bytes, which every view keeps
-alive. A worker reports which leases of task arguments are gone with its
-next result; the parent reuses such a segment only once every delivery of
-it has been reported gone (private mappings too: they still show later
-writes to the pages they have not copied). A result's lease in the parent hands its segment
-back to the cache when the last view of the result dies. Unconfirmed
-segments are never reused: they are destroyed (their names unlinked, which
-is always safe) when idle, or when the pool ends.
+The pool's warm segments, built on these, are in :mod:`mpshm.pool.warm`;
+``docs/performance.md`` says what all of it buys.
 """
 
 from __future__ import annotations
@@ -39,14 +27,16 @@ import collections
 import ctypes
 import mmap
 import os
+import queue
 import re
 import threading
 import time
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
-if TYPE_CHECKING:
-    from .reduction import Segment
+from . import backends, tracking
+from ._sysinfo import buffer_address
+from .backends._huge import madvise
 
 #: Seconds between two sweeps of the caches.
 SWEEP_INTERVAL = 0.5
@@ -120,7 +110,7 @@ RECLAIM_WAIT = 2.0
 
 
 # Caches that give back what they hold when a creation finds the storage full.
-_reclaimable: weakref.WeakSet[Any] = weakref.WeakSet()
+reclaimable: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 _destroyed_at = float("-inf")
@@ -141,7 +131,7 @@ def reclaim() -> bool:
     then it waits until pool workers have swept their caches (a worker's
     kept mapping of a destroyed segment holds its memory until then)."""
     freed = False
-    for cache in list(_reclaimable):
+    for cache in list(reclaimable):
         try:
             freed = bool(cache.reclaim()) or freed
         except Exception:
@@ -187,7 +177,6 @@ def current_identity(backend: str, ident: str) -> Optional[str]:
     """The identity (see :meth:`mpshm.backends.Backend.identity`) of the
     object named *ident* now, or None if there is none or it cannot be
     told (one system call for the built-in backends)."""
-    from . import backends
 
     try:
         return backends.get(backend).identity(ident)
@@ -203,8 +192,7 @@ class _Sweeper:
 
     def __init__(self) -> None:
         self._reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
+        os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
         self._lock = threading.RLock()
@@ -237,7 +225,7 @@ class _Sweeper:
             del caches
 
 
-_sweeper = _Sweeper()
+sweeper = _Sweeper()
 
 
 # --------------------------------------------------------------------------
@@ -264,8 +252,7 @@ class _Kept:
         self.limit = default_limit() if limit is None else limit
         self.idle = IDLE_SECONDS if idle is None else idle
         self._reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
+        os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
         self._lock = threading.RLock()
@@ -275,7 +262,7 @@ class _Kept:
         self._bytes = 0
         self._ids: set[int] = set()  # id() of the kept owners
         self._registered = False
-        _reclaimable.add(self)
+        reclaimable.add(self)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -304,7 +291,7 @@ class _Kept:
             register = not self._registered
             self._registered = True
         if register:
-            _sweeper.add(self)
+            sweeper.add(self)
         del dropped  # unmapped here, outside the lock
 
     def _forget(self, entry: _Mapped) -> None:  # (lock held)
@@ -347,14 +334,6 @@ class _Kept:
         """The storage is full: drop the mappings of segments whose names are
         gone (a mapping keeps an unlinked segment's memory). True if any."""
         return self.sweep(idle=float("inf"))
-
-    def clear(self) -> None:
-        """Drop every entry."""
-        with self._lock:
-            self._entries.clear()
-            self._ids.clear()
-            self._bytes = 0
-
 
 class MappingCache(_Kept):
     """Mappings of segments this process received, kept for the next message
@@ -411,7 +390,7 @@ def scrub(owner: Any, offset: int, nbytes: int) -> bool:
     drop the pages there it copied on write (``madvise(MADV_DONTNEED)``;
     found in ``/proc/self/pagemap``). False if that cannot be done (no
     pagemap): the mapping must then not be reused."""
-    from .backends._huge import madvise
+
 
     page = mmap.PAGESIZE
     try:
@@ -493,337 +472,218 @@ class PrivateCopies(_Kept):
 private = PrivateCopies()
 
 
-class Receiving(threading.local):
-    """What the message being unpickled in this thread may use (set by a
-    pool's ``loads``): the mapping cache, where leases of task arguments are
-    recorded, and the parent's warm segments."""
+# --------------------------------------------------------------------------
+# Where this process's segments are mapped
 
-    active = False
-    leases: Optional[list[tuple[str, str, Any]]] = None
-    warm: Optional[WarmSegments] = None
+class _Region:
+    """One mapping of a segment in this process."""
+
+    __slots__ = ("address", "backend", "ident", "name", "shareable", "size")
+
+    def __init__(self, backend: str, ident: str, name: str, size: int, shareable: bool) -> None:
+        self.backend = backend
+        self.ident = ident
+        self.name = name
+        self.size = size
+        # False for copies received through the sharing pickler: their names
+        # go away while views live, so they are re-sent by copy, not by name.
+        self.shareable = shareable
+        self.address: Optional[int] = None
 
 
-receiving = Receiving()
+# Reentrant: weakref callbacks (a slab freed, say) may run while it is held.
+_lock = threading.RLock()
+# Mapping owner (an mmap, a SysV attachment) -> where it is and what it maps
+# (private memory too: see _note_private).
+_regions: weakref.WeakKeyDictionary[Any, _Region] = weakref.WeakKeyDictionary()
+# (backend, ident) -> mapping owner, to reuse a live mapping on unpickling.
+_owners: weakref.WeakValueDictionary[tuple[str, str], Any] = weakref.WeakValueDictionary()
+
+
+def _mapped(owner: Any) -> bool:
+    closed = getattr(owner, "closed", None)  # mmap
+    if closed is not None:
+        return not closed
+    attached = getattr(owner, "attached", None)  # sysv_ipc
+    return attached is None or bool(attached)
+
+
+def note_mapping(
+    owner: Any, backend: str, ident: str, name: str, size: int, shareable: bool = True
+) -> None:
+    """Record that *owner* (the object holding a mapping) maps segment *ident*."""
+    region = _Region(backend, ident, name, size, shareable)
+    with _lock:
+        _regions[owner] = region
+        if shareable or (backend, ident) not in _owners:
+            _owners[(backend, ident)] = owner
+
+
+def live_owner(backend: str, ident: str, size: int) -> Any:
+    """This process's live mapping of segment *ident* (of *size* bytes) that a
+    new message naming it may use, or None."""
+    with _lock:
+        owner = _owners.get((backend, ident))
+    if owner is None or not _mapped(owner):
+        return None
+    region = _regions.get(owner)
+    if region is None or region.size != size:
+        return None
+    if not mappings.holds(owner):
+        return owner
+    # Kept alive by the cache, maybe past its name's reuse: check.
+    if mappings.get(backend, ident, size) is owner:
+        return owner
+    with _lock:
+        if _owners.get((backend, ident)) is owner:
+            del _owners[(backend, ident)]
+    return None
+
+
+def forget_mapping(owner: Any) -> None:
+    """*owner*'s segment is being destroyed: stop sending it by name."""
+    with _lock:
+        region = _regions.get(owner)
+        if region is not None:
+            region.shareable = False
+
+
+def find(address: int, nbytes: int) -> Optional[tuple[Any, _Region, int]]:
+    """The live, shareable mapping holding ``[address, address + nbytes)``:
+    ``(owner, region, offset)``, or None."""
+    if not _regions:
+        return None
+    with _lock:
+        items = list(_regions.items())
+    for owner, region in items:
+        if not region.shareable or not _mapped(owner):
+            continue
+        if region.address is None:
+            try:
+                region.address = buffer_address(owner)
+            except (BufferError, ValueError, TypeError):
+                continue
+        offset = address - region.address
+        if offset >= 0 and offset + nbytes <= region.size:
+            return owner, region, offset
+    return None
+
+
+def note_private(owner: Any, backend: str, ident: str, name: str, size: int) -> None:
+    """Record that private memory *owner* (a private mapping, or a copy of
+    *size* bytes) came from segment *ident*: never sent by reference, never
+    reused for another message naming the segment."""
+    with _lock:
+        _regions[owner] = _Region(backend, ident, name, size, False)
 
 
 # --------------------------------------------------------------------------
-# Sending side: a pool parent's warm segments
+# The reaper
 
-FREE, OUT, DONE, LEASED = "free", "out", "done", "leased"
-
-
-class Warm:
-    """One segment of a :class:`WarmSegments` cache."""
-
-    __slots__ = ("last", "leases", "owner", "pending", "segment", "state")
-
-    def __init__(self, segment: Segment, owner: Any, state: str) -> None:
-        self.segment = segment
-        self.owner = owner  # this process's mapping, made on first reuse
-        self.state = state
-        self.pending = 0  # deliveries to workers not yet reported released
-        self.leases = 0  # leases of it alive in this process
-        self.last = time.monotonic()
+def destroy_name(backend: str, ident: str) -> None:
+    """Destroy the name of a segment this process owns (or took over), and
+    stop tracking it; a name already gone is fine."""
+    try:
+        backends.get(backend).unlink(ident)
+    except (FileNotFoundError, PermissionError):
+        pass
+    tracking.unregister(backend, ident)
 
 
-_MADV_REMOVE = 9
+class _Reaper:
+    """Destroys segments in a thread of its own: those this process took over
+    (a pool's results) once its last view of each is gone, and those a pool
+    lent to a task once the task is done.
 
-
-def _empty(unseen: list[tuple[Segment, Any]]) -> None:
-    """Give back the memory of warm segments that nobody looks at any more
-    (``madvise(MADV_REMOVE)`` through this process's mapping), just before
-    their names go: a worker's kept mapping (see :class:`MappingCache`)
-    would otherwise keep an unlinked segment's memory until its next sweep."""
-    from .backends._huge import madvise
-    from .reduction import buffer_address
-
-    for segment, owner in unseen:
-        try:
-            if owner is None:
-                owner = WarmSegments._map(segment)
-            madvise(buffer_address(owner), segment.size, _MADV_REMOVE)
-        except Exception:  # (then the memory goes when the last mapping does)
-            pass
-        owner = None
-
-
-class WarmSegments:
-    """A pool parent's segments kept for reuse (see the module docstring).
-
-    States: ``out`` (carrying a task's arguments, or offered as a spare),
-    ``done`` (its task is over; waiting for workers to report their views
-    gone), ``leased`` (holding a result the parent still looks at) and
-    ``free`` (reusable). ``free`` and ``done`` segments count against
-    *limit*, and against :data:`CACHE_FRACTION` of the room of the storage
-    (its ``free()`` space; see :class:`Room`); the rest are in use.
+    Why not at once, in the caller's thread: a segment's pages are freed when
+    both its name and its last mapping are gone, whichever goes last, and
+    freeing a large segment takes a while (about 0.2 s per GiB of /dev/shm
+    here). Doing it in this thread keeps that off the path of the result the
+    caller waits for. The segments stay registered with a tracker meanwhile,
+    so a crash leaks nothing; :meth:`drain` does what is queued at once.
     """
 
-    def __init__(
-        self, destroy: Callable[[list[Segment]], None],
-        limit: Optional[int] = None, idle: Optional[float] = None,
-        free: Optional[FreeSpace] = None,
-    ) -> None:
-        self._destroy_segments = destroy
-        self._unseen: list[tuple[Segment, Any]] = []  # (see _remove)
-        self.limit = default_limit() if limit is None else limit
-        self.idle = IDLE_SECONDS if idle is None else idle
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        # A forked child starts without the thread and without the parent's
+        # segments (they are the parent's to destroy).
+        self._queue: queue.SimpleQueue[tuple[Callable[..., None], tuple[Any, ...]]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: Optional[threading.Thread] = None
         self._lock = threading.RLock()
-        self._entries: dict[tuple[str, str], Warm] = {}
-        self._cached = 0  # bytes of free and done entries
-        self._result_sizes: collections.deque[int] = collections.deque(maxlen=4)
-        self._closed = False
-        self._room = Room(free, lambda: self._cached)
-        _sweeper.add(self)
-        _reclaimable.add(self)
+        self._watched: set[tuple[str, str]] = set()
+        self._idle = threading.Condition(threading.Lock())
+        self._busy = 0  # jobs the thread is doing now
 
-    def bound(self) -> int:
-        """Bytes the cache may hold now: *limit*, and at most
-        :data:`CACHE_FRACTION` of the storage's room."""
-        room = self._room()
-        return self.limit if room is None else min(self.limit, int(room * CACHE_FRACTION))
-
-    # -- bookkeeping helpers (lock held)
-
-    def _set(self, warm: Warm, state: str) -> None:
-        cached = (FREE, DONE)
-        if warm.state in cached:
-            self._cached -= warm.segment.size
-        if state in cached:
-            self._cached += warm.segment.size
-        warm.state = state
-        warm.last = time.monotonic()
-
-    def _remove(self, warm: Warm, unseen: bool = False) -> None:
-        key = (warm.segment.backend.name, warm.segment.ident)
-        if self._entries.get(key) is warm:
-            if (unseen or warm.state == FREE) and not self._closed:
-                # Nobody looks at it: its memory is given back before its name
-                # goes, whoever still maps it (see _empty).
-                self._unseen.append((warm.segment, warm.owner))
-            del self._entries[key]
-            self._set(warm, "gone")
-        warm.owner = None
-
-    def _destroy(self, segments: list[Segment]) -> None:
+    def watch(self, owner: Any, backend: str, ident: str) -> None:
+        """Destroy *ident*'s name once *owner* (this process's mapping) is gone."""
         with self._lock:
-            unseen, self._unseen = self._unseen, []
-        if unseen:
-            from .reduction import reaper
+            if (backend, ident) in self._watched:
+                return
+            self._watched.add((backend, ident))
+        finalizer = weakref.finalize(owner, self.later, self._unwatch, backend, ident)
+        finalizer.atexit = False  # at exit the tracker takes care of it
 
-            reaper.later(self._empty_then_destroy, unseen, segments)
-        else:
-            self._destroy_segments(segments)
-
-    def _empty_then_destroy(self, unseen: list[tuple[Segment, Any]],
-                            segments: list[Segment]) -> None:
-        _empty(unseen)  # (through a mapping found by name: before the name goes)
-        self._destroy_segments(segments)
-
-    def _settle(self, warm: Warm) -> list[Segment]:
-        """A segment no longer used by its task: free if nobody can still see
-        it, else done; destroyed if over the limit. Returns what to destroy."""
-        if warm.state not in (OUT, DONE, LEASED):
-            return []
-        state = FREE if warm.pending <= 0 else DONE
-        counted = warm.state == DONE  # already in _cached
-        if self._closed or (
-            not counted and self._cached + warm.segment.size > self.bound()
-        ):
-            self._remove(warm, unseen=state == FREE)
-            return [warm.segment]
-        self._set(warm, state)
-        return []
-
-    # -- the parent's use
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    @property
-    def cached_bytes(self) -> int:
-        """Bytes of segments kept for reuse (free and done)."""
-        return self._cached
-
-    def take(self, nbytes: int) -> Optional[Warm]:
-        """A free segment that fits *nbytes* (see :func:`fits`), now ``out``
-        and mapped in this process; or None."""
+    def _unwatch(self, backend: str, ident: str) -> None:
         with self._lock:
-            best = None
-            for warm in self._entries.values():
-                if warm.state == FREE and fits(nbytes, warm.segment.size) and (
-                    best is None or warm.segment.size < best.segment.size
-                ):
-                    best = warm
-            if best is None:
-                return None
-            self._set(best, OUT)
-        if best.owner is None:
+            self._watched.discard((backend, ident))
+        destroy_name(backend, ident)
+
+    def later(self, job: Callable[..., None], *args: Any) -> None:
+        """Run ``job(*args)`` in the reaper's thread."""
+        self._queue.put((job, args))
+        with self._lock:
+            if self._thread is not None:
+                return
+            thread = threading.Thread(target=self._run, name="mpshm-reaper", daemon=True)
             try:
-                best.owner = self._map(best.segment)
-            except (OSError, ValueError):
-                with self._lock:
-                    self._remove(best)
-                self._destroy([best.segment])
-                return None
-        return best
+                thread.start()
+            except RuntimeError:  # interpreter shutting down: do it here
+                self.drain()
+                return
+            self._thread = thread
+
+    def pending(self) -> bool:
+        """Whether something is queued or being done."""
+        return self._busy > 0 or not self._queue.empty()
+
+    def drain(self) -> None:
+        """Run what is queued now, in this thread, and wait (a few seconds
+        at most) for what the reaper's thread is doing."""
+        while True:
+            try:
+                job, args = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            self._run_one(job, args)
+        if threading.current_thread() is not self._thread:
+            with self._idle:
+                self._idle.wait_for(lambda: self._busy == 0, 5.0)
 
     @staticmethod
-    def _map(segment: Segment) -> Any:
-        from .reduction import attach_owner, machine
+    def _run_one(job: Callable[..., None], args: tuple[Any, ...]) -> None:
+        try:
+            job(*args)
+        except Exception:  # never let the thread die; the tracker is the backstop
+            pass
 
-        return attach_owner(segment.backend.name, segment.ident, segment.name, segment.size,
-                            machine(), shareable=False)
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            with self._idle:
+                self._busy += 1
+            try:
+                self._run_one(*job)
+            finally:
+                with self._idle:
+                    self._busy -= 1
+                    self._idle.notify_all()
+            del job
 
-    def add(self, segment: Segment, owner: Any = None, state: str = OUT) -> Warm:
-        """Start tracking *segment* (registered with the pool's scope), in *state*."""
-        warm = Warm(segment, owner, "new")
-        with self._lock:
-            self._entries[(segment.backend.name, segment.ident)] = warm
-            self._set(warm, state)
-        return warm
 
-    def find(self, backend: str, ident: str) -> Optional[Warm]:
-        """The entry of segment *ident*, if this cache holds it."""
-        return self._entries.get((backend, ident))
-
-    def delivered(self, warm: Warm) -> None:
-        """*warm* was sent to a worker, who will report when its views are gone."""
-        with self._lock:
-            warm.pending += 1
-
-    def released(self, backend: str, ident: str) -> None:
-        """A worker reports its views of *ident* gone."""
-        destroy: list[Segment] = []
-        with self._lock:
-            warm = self._entries.get((backend, ident))
-            if warm is None:
-                return
-            warm.pending -= 1
-            if warm.state == DONE and warm.pending <= 0:
-                destroy = self._settle(warm)
-        if destroy:
-            self._destroy(destroy)
-
-    def done(self, warm: Warm) -> None:
-        """The tasks *warm* carried arguments for are over."""
-        with self._lock:
-            destroy = self._settle(warm)
-        if destroy:
-            self._destroy(destroy)
-
-    def offer(self, limit: int = 2) -> list[Warm]:
-        """Free segments of the sizes recent results had, for a worker to
-        write its result into; now ``out`` (give them back with
-        :meth:`returned` or by leasing them)."""
-        if not self._result_sizes:
-            return []
-        sizes = set(self._result_sizes)
-        offered: list[Warm] = []
-        with self._lock:
-            for warm in self._entries.values():
-                if len(offered) >= limit:
-                    break
-                if warm.state == FREE and any(fits(n, warm.segment.size) for n in sizes):
-                    self._set(warm, OUT)
-                    offered.append(warm)
-        return offered
-
-    def returned(self, offered: list[Warm]) -> None:
-        """Spares a worker did not use (or whose result could not be read)."""
-        destroy: list[Segment] = []
-        with self._lock:
-            for warm in offered:
-                if warm.state == OUT:
-                    destroy += self._settle(warm)
-        if destroy:
-            self._destroy(destroy)
-
-    def result_size(self, nbytes: int) -> None:
-        """A result of *nbytes* bytes arrived: offer spares of that size."""
-        self._result_sizes.append(nbytes)
-
-    def lease(self, warm: Warm, offset: int, nbytes: int, readonly: bool) -> memoryview:
-        """A view of *warm*'s bytes that hands the segment back to the cache
-        when the last view made from it is gone."""
-        if warm.owner is None:
-            warm.owner = self._map(warm.segment)
-        owned = lease(warm.owner, offset, nbytes)
-        with self._lock:
-            warm.leases += 1
-            if warm.state != "gone":
-                self._set(warm, LEASED)
-        weakref.finalize(owned, self._unlease, warm).atexit = False
-        return lease_view(owned, readonly)
-
-    def _unlease(self, warm: Warm) -> None:
-        with self._lock:
-            warm.leases -= 1
-            destroy = self._settle(warm) if warm.leases <= 0 else []
-        if destroy:
-            self._destroy(destroy)
-
-    def sweep(self) -> None:
-        """Destroy segments idle for longer than :attr:`idle`, and the least
-        recently used ones beyond :meth:`bound` (the storage filled up)."""
-        now = time.monotonic()
-        destroy = []
-        with self._lock:
-            for warm in list(self._entries.values()):
-                if warm.state in (FREE, DONE) and now - warm.last > self.idle:
-                    self._remove(warm)
-                    destroy.append(warm.segment)
-            if self._cached > self.bound():
-                cached = sorted((warm for warm in self._entries.values()
-                                 if warm.state in (FREE, DONE)), key=lambda warm: warm.last)
-                for warm in cached:
-                    if self._cached <= self.bound():
-                        break
-                    self._remove(warm)
-                    destroy.append(warm.segment)
-        if destroy:
-            self._destroy(destroy)
-
-    def trim(self) -> None:
-        """Destroy every free and done segment now (the storage is full, say)."""
-        destroy = []
-        with self._lock:
-            for warm in list(self._entries.values()):
-                if warm.state in (FREE, DONE):
-                    self._remove(warm)
-                    destroy.append(warm.segment)
-        if destroy:
-            self._destroy(destroy)
-
-    def reclaim(self) -> bool:
-        """The storage is full: :meth:`trim`, and wait until the memory is
-        back (at most :data:`RECLAIM_WAIT` seconds: destruction runs in the
-        reaper's thread, and a segment still reported seen by a worker may
-        be mapped in its cache until its next sweep). True if anything was
-        held."""
-        with self._lock:
-            held = self._cached
-        if not held:
-            return False
-        free = self._room.free
-        before = free()
-        self.trim()
-        from .reduction import reaper
-
-        reaper.drain()  # (destruction is queued there)
-        if before is not None:
-            deadline = time.monotonic() + RECLAIM_WAIT
-            while time.monotonic() < deadline:
-                now = free()
-                if now is None or now >= before + held:
-                    break
-                time.sleep(0.01)
-        return True
-
-    def close(self) -> list[Segment]:
-        """Stop caching; return every segment held (for the caller to destroy)."""
-        with self._lock:
-            self._closed = True
-            held = [warm.segment for warm in self._entries.values()]
-            for warm in list(self._entries.values()):
-                self._remove(warm)
-        return held
+#: The process's reaper (see :class:`_Reaper`).
+reaper = _Reaper()

@@ -23,7 +23,9 @@ import json
 import os
 import socket
 import struct
-from typing import Any, Optional
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, NamedTuple, Optional
 
 _HEADER = struct.Struct("!I")
 _FIELDS = 6
@@ -92,17 +94,41 @@ def encode(
     return _HEADER.pack(len(payload)) + payload
 
 
+class Message(NamedTuple):
+    """One decoded message (see the module docstring for the wire format)."""
+
+    #: ``reg``, ``own``, ``join``, ``unreg`` or ``scope``.
+    op: str
+    #: The backend's name (empty for ``scope``).
+    backend: str
+    #: The segment's identifier; for ``scope``, the scope's token.
+    ident: str
+    #: The storage object's identity, if the sender gave one.
+    identity: Optional[str]
+    #: The sending process's pid (None if the field is not a number).
+    pid: Optional[int]
+    #: The JSON extras: ``s`` (the scope token of a ``join``), ``m`` and ``p``
+    #: (how to load a third-party backend: import spec and ``sys.path``).
+    extra: Mapping[str, Any]
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(backend, identifier): what the tracker files the segment under."""
+        return self.backend, self.ident
+
+
+_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
+
+
 class Decoder:
-    """Turns received bytes into message dicts (``op b i id`` and extras)."""
+    """Turns received bytes into :class:`Message` objects."""
 
     def __init__(self) -> None:
         self._buffer = b""
 
-    def feed(self, data: bytes) -> list[dict[str, Any]]:
-        """Add *data*; return the complete messages it finishes (bad ones dropped).
-
-        Messages of an earlier version without the pid field are accepted
-        (``pid`` is then None)."""
+    def feed(self, data: bytes) -> list[Message]:
+        """Add *data*; return the complete messages it finishes (bad ones dropped:
+        not the fields :func:`encode` writes, or extras that are not a JSON object)."""
         self._buffer += data
         messages = []
         while len(self._buffer) >= _HEADER.size:
@@ -112,22 +138,18 @@ class Decoder:
                 break
             payload, self._buffer = self._buffer[_HEADER.size : end], self._buffer[end:]
             fields = payload.decode("utf-8", "surrogateescape").split("\0")
-            if len(fields) == _FIELDS - 1:
-                fields.append("")
             if len(fields) != _FIELDS:
                 continue
             op, backend, ident, identity, extra, pid = fields
-            message: dict[str, Any] = {
-                "op": op,
-                "b": backend,
-                "i": ident,
-                "id": identity or None,
-                "pid": int(pid) if pid.isdigit() else None,
-            }
+            extras: Mapping[str, Any] = _NO_EXTRA
             if extra:
                 try:
-                    message.update(json.loads(extra))
+                    extras = json.loads(extra)
                 except ValueError:
                     continue
-            messages.append(message)
+                if not isinstance(extras, dict):
+                    continue
+            messages.append(Message(
+                op, backend, ident, identity or None, int(pid) if pid.isdigit() else None, extras
+            ))
         return messages

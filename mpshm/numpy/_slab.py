@@ -48,10 +48,13 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any, Mapping, Optional
 
-from . import reduction, tracking
+from .. import tracking
+from .._mappings import destroy_name, forget_mapping
+from .._sysinfo import buffer_address
+from ..shared_memory import SharedMemory
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from ..backends import Backend
 
 __all__ = [
     "ALIGNMENT", "SLAB_LIMIT", "SLAB_MAX", "SLAB_SIZE", "Slab", "allocate", "chunk_size", "heap",
@@ -141,28 +144,25 @@ class Slab:
         self, heap: _Heap, key: tuple[Any, ...], chunk: int, size: int, chosen: Backend,
         options: Mapping[str, Any],
     ) -> None:
-        from .shared_memory import SharedMemory
-
         shm = SharedMemory(create=True, size=size, backend=chosen.name, **options)
-        shm._note()  # arrays in it are found by address, and pickle as handles
-        assert shm._backend is not None and shm._ident is not None
+        # Noted: arrays in it are found by address, and pickle as handles.
+        mapped = shm._let_go(note=True)
         self.heap = heap
         self.key = key
         self.chunk = chunk
-        self.size = shm.size
-        self.backend = shm._backend.name
-        self.ident = shm._ident
-        self.name = shm.name
+        self.size = mapped.size
+        self.backend = mapped.backend.name
+        self.ident = mapped.ident
+        self.name = mapped.name
         self.chosen = chosen
-        self.identity = shm._attachment.identity if shm._attachment is not None else None
+        self.identity = mapped.identity
         self.checked = time.monotonic()
         self.vanished = False
-        self.owner = shm._owner()
+        self.owner = mapped.owner
         _made[self.owner] = os.getpid()
-        shm._forget_attachment()
-        del shm
+        del shm, mapped
         self.view: memoryview = memoryview(self.owner)
-        self.address = reduction.buffer_address(self.owner)
+        self.address = buffer_address(self.owner)
         self.bump = 0  # chunks from here on were never handed out: zeros
         self.free: list[int] = []  # offsets of freed chunks (dirty)
         self.quarantine: list[int] = []  # freed while the mapping was referenced
@@ -179,7 +179,7 @@ class Slab:
     def referenced(self) -> bool:
         """Whether something besides the slab references its mapping (an
         array unpickled in this process, a ``memoryview(owner)``, or a
-        moment's reference from :func:`mpshm.reduction.find`)."""
+        moment's reference from :func:`mpshm._mappings.find`)."""
         return self._references() > self.references
 
     def present(self) -> bool:
@@ -378,11 +378,11 @@ class _Heap:
 
 
 def _destroy(slab: Slab) -> None:
-    reduction.forget_mapping(slab.owner)  # this process's later pickles copy
+    forget_mapping(slab.owner)  # this process's later pickles copy
     if slab.vanished:  # (the name may be someone else's by now)
         tracking.unregister(slab.backend, slab.ident)
     else:
-        reduction.destroy_name(slab.backend, slab.ident)
+        destroy_name(slab.backend, slab.ident)
 
 
 _heap = _Heap()
@@ -401,8 +401,7 @@ def _after_fork_in_child() -> None:
     _heap = _Heap()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 @atexit.register
@@ -430,7 +429,7 @@ def allocate(
 
 
 def owns(owner: Any) -> bool:
-    """Whether *owner* (a mapping owner, see :func:`mpshm.reduction.find`)
+    """Whether *owner* (a mapping owner, see :func:`mpshm._mappings.find`)
     is a slab this process made."""
     return _heap.owns(owner)
 

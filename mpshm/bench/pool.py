@@ -1,44 +1,9 @@
 """The measuring of ``mpshm bench``: :class:`mpshm.pool.Pool` against pickling
-and the standard library's SharedMemory, side by side.
-
-A float64 array of each size goes between the parent and a 2-worker pool
-(spawn start method), one task at a time (``pool.apply``: one array per task,
-so nothing is deduplicated as it would be inside one ``map``). Directions:
-
-* ``send``: parent -> worker; the worker takes the array's length only (does
-  not read its data): the cost of getting the array there;
-* ``args``: parent -> worker; the worker returns the array's sum: getting it
-  there, plus reading every byte on the other side;
-* ``results``: worker -> parent; the worker returns an array of the size (the
-  same array every time, made once per worker and size, outside the timed
-  region), the parent sums it.
-
-Methods, each with its own pool (warmed up, kept for all sizes):
-
-* ``pickle``: ``multiprocessing.Pool``; the array is pickled through the pipe;
-* ``stdlib-shm``: ``multiprocessing.shared_memory.SharedMemory`` passed by
-  name: the sender creates a segment per task and copies the array in, the
-  receiver attaches (and, for args and results, sums); the parent unlinks once
-  the task is over. All of it is inside the timed region;
-* ``mpshm-<backend>``: ``mpshm.pool.Pool(2, backend=...)`` given the plain
-  numpy array (its sharing pickler copies it once into a fresh segment);
-* ``preshared``: an array made with ``mpshm.numpy.empty`` (on the first
-  backend measured, posix by default; filled outside the timed region) sent
-  to an ``mpshm.pool.Pool`` on that backend: only its handle travels. For
-  results, the parent gives the worker such an array and the worker copies
-  its array into it (returning None): one copy, as for the other methods, but
-  into memory that already exists.
-
-Figures are the median time per task over several rounds (at least
-:data:`MIN_ROUNDS`, more for small sizes), also as GB/s (10^9 bytes of the
-array per second), as a ratio to ``pickle`` in the same direction and size
-(pickle time / method time) and in ``memcpys``: the time per task over the
-time this machine's single-thread memcpy (np.copyto of 256 MiB between two
-pre-faulted arrays, measured in the same run) takes to copy the array once.
-The time of an empty task (``pool.apply(noop)``) is measured on each pool, at
-the start and again next to each size's figures; a row's ``overhead_ms`` is
-its time per task minus the latter. The development targets these figures are
-checked against live in ``benchmarks/pool.py``, not here.
+and the standard library's SharedMemory, side by side, sending float64 arrays
+to a 2-worker pool (spawn) and back, one task at a time. What each direction
+and method means and how figures are taken: ``docs/cli.md`` (mpshm bench).
+The development targets for these figures are checked in
+``benchmarks/pool.py``, not here.
 
 The worker functions are module-level here so that spawned workers import
 them from the installed package. This module imports NumPy: the command line
@@ -61,10 +26,9 @@ from typing import Any, Callable, Optional, Protocol, Sequence
 import numpy as np
 import numpy.typing as npt
 
-from . import numpy as shared_numpy
-from . import pool as mpshm_pool
-from ._timing import median_time
-from .cli.bench import DIRECTIONS, MIB, label
+from .. import numpy as shared_numpy
+from .. import pool as mpshm_pool
+from . import DIRECTIONS, MIB, label, median_time
 
 __all__ = [
     "Reporter",

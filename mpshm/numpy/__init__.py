@@ -26,18 +26,29 @@ is done); for a small array this is a must, since another process's view of
 a reused chunk sees the new owner's data.
 """
 
+# ruff: noqa: E402  (the marker below is set before NumPy is imported)
 from __future__ import annotations
+
+import os
+
+#: The process importing this module (see ``mpshm._numpy_reducers``): set
+#: before NumPy is imported, which may take a while.
+_imported_by = os.getpid()
 
 import math
 import operator
-import os
+import pickle
 import weakref
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import _slab, backends, reduction
-from .shared_memory import SharedMemory
+from .. import backends, reduction
+from .._mappings import destroy_name, find, forget_mapping, reaper
+from .._sysinfo import machine
+from ..errors import HandleError
+from ..shared_memory import SharedMemory
+from . import _slab
 
 __all__ = [
     "SharedArray",
@@ -66,9 +77,9 @@ class SharedArray(np.ndarray):  # type: ignore[type-arg,unused-ignore]
     """
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        handle = reduction.array_handle(self)
+        handle = array_handle(self)
         if handle is not None:
-            return reduction.rebuild_array, (handle,)
+            return rebuild_array, (handle,)
         return np.asarray(self).view(np.ndarray).__reduce_ex__(protocol)
 
     def __array_wrap__(self, obj: Any, *args: Any, **kwargs: Any) -> Any:
@@ -95,8 +106,7 @@ def _after_fork_in_child() -> None:
     _owned.clear()
 
 
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _owned_array(
@@ -122,13 +132,11 @@ def _owned_array(
         if view is not None:
             return SharedArray(shape, dtype, buffer=view, order=order)  # type: ignore[arg-type]
     shm = SharedMemory(create=True, size=max(nbytes, 1), backend=backend, **options)
-    shm._note()
-    owner = shm._owner()
-    assert shm._backend is not None and shm._ident is not None
-    arr = SharedArray(shape, dtype, buffer=memoryview(owner), order=order,  # type: ignore[arg-type]
-    )
-    _owned[owner] = weakref.finalize(owner, reduction.destroy_name, shm._backend.name, shm._ident)
-    shm._forget_attachment()
+    mapped = shm._let_go(note=True)
+    arr = SharedArray(shape, dtype, buffer=memoryview(mapped.owner),
+                      order=order)  # type: ignore[arg-type]
+    _owned[mapped.owner] = weakref.finalize(mapped.owner, destroy_name, mapped.backend.name,
+                                            mapped.ident)
     return arr
 
 
@@ -164,7 +172,7 @@ def asshared(
     :func:`empty`). An array already in a segment is returned as a
     :class:`SharedArray` view, without copying."""
     source = np.asarray(array)
-    if reduction.array_handle(source) is not None:
+    if array_handle(source) is not None:
         return source.view(SharedArray)
     order = "F" if source.flags.f_contiguous and not source.flags.c_contiguous else "C"
     arr = _owned_array(source.shape, source.dtype, order, backend, options, False, dedicated)
@@ -176,7 +184,7 @@ def _dedicated_copy(arr: np.ndarray, owner: Any) -> Optional[SharedArray]:
     """A copy of *arr*, an array in the slab of this process that *owner*
     maps, in a segment of its own on the slab's backend and options (what a
     pool worker hands over instead of a chunk of a slab it goes on using:
-    see ``reduction._Collector``); None if *owner* is no such slab."""
+    see :func:`_copy_from_slab`); None if *owner* is no such slab."""
     found = _slab.origin(owner)
     if found is None:
         return None
@@ -215,7 +223,7 @@ def segment_name(arr: np.ndarray) -> Optional[str]:
     Small arrays share slabs: this is the slab's name, the same for many
     arrays, and the segment is larger than the array (find the array in it
     with a pickled handle, or make it with ``dedicated=True``)."""
-    handle = reduction.array_handle(arr)
+    handle = array_handle(arr)
     return None if handle is None else handle.name
 
 
@@ -230,8 +238,8 @@ def release(arr: np.ndarray) -> None:
     in this process is gone, released or not. Released or not, the array
     stays sendable by handle as long as the slab's name exists.
     """
-    _, low, extent = reduction._array_bounds(arr)
-    found = reduction.find(low, max(extent, 1))
+    _, low, extent = _array_bounds(arr)
+    found = find(low, max(extent, 1))
     if found is None:
         raise ValueError(
             "this array's memory is not in a shared memory segment that this process "
@@ -245,9 +253,165 @@ def release(arr: np.ndarray) -> None:
             f"this array lives in {region.name!r}, a slab of small arrays that the parent "
             "of this forked process made: only the parent can release it"
         )
-    reduction.forget_mapping(owner)
+    forget_mapping(owner)
     finalizer = _owned.pop(owner, None)
     if finalizer is not None:
         finalizer()
     else:
-        reduction.destroy_name(region.backend, region.ident)
+        destroy_name(region.backend, region.ident)
+
+
+# --------------------------------------------------------------------------
+# Pickling: arrays that live in a segment travel as handles
+
+class _ArrayHandle(NamedTuple):
+    backend: str
+    ident: str
+    name: str
+    size: int
+    machine: tuple[str, str]
+    offset: int
+    shape: tuple[int, ...]
+    strides: tuple[int, ...]
+    dtype: Any
+    writable: bool
+    #: The receiver takes the segment over (see :func:`_hand_over`).
+    given: bool = False
+
+
+def _array_bounds(arr: np.ndarray) -> tuple[int, int, int]:
+    """(data address, lowest byte, extent in bytes) of *arr*."""
+    data = int(arr.__array_interface__["data"][0])
+    low = high = 0
+    for n, stride in zip(arr.shape, arr.strides):
+        if n == 0:
+            return data, data, 0
+        if stride < 0:
+            low += (n - 1) * stride
+        else:
+            high += (n - 1) * stride
+    return data, data + low, high - low + arr.itemsize
+
+
+def locate_array(arr: np.ndarray) -> Optional[tuple[_ArrayHandle, Any]]:
+    """A handle for *arr* and the owner of its mapping, if its memory lies
+    in a segment (else None)."""
+    if arr.dtype.hasobject:
+        return None
+    data, low, extent = _array_bounds(arr)
+    if extent == 0:
+        return None
+    found = find(low, extent)
+    if found is None:
+        return None
+    owner, region, low_offset = found
+    handle = _ArrayHandle(
+        region.backend, region.ident, region.name, region.size, machine(),
+        low_offset + (data - low), tuple(arr.shape), tuple(arr.strides), arr.dtype,
+        bool(arr.flags.writeable),
+    )
+    return handle, owner
+
+
+def array_handle(arr: np.ndarray) -> Optional[_ArrayHandle]:
+    """A handle for *arr* if its memory lies in a segment (else None)."""
+    located = locate_array(arr)
+    return None if located is None else located[0]
+
+
+def rebuild_array(handle: _ArrayHandle) -> np.ndarray:
+    """Unpickle an array handle: a zero-copy view of the segment."""
+    if not (isinstance(handle.offset, int) and 0 <= handle.offset <= handle.size):
+        raise HandleError(
+            f"invalid array handle: offset {handle.offset!r} is not within the "
+            f"{handle.size!r} bytes of segment {handle.name!r}"
+        )
+    owner = reduction.attach_owner(
+        handle.backend, handle.ident, handle.name, handle.size, handle.machine,
+        shareable=not handle.given, cache=reduction.receiver().cache and not handle.given,
+    )
+    if handle.given:
+        reaper.watch(owner, handle.backend, handle.ident)
+    arr = SharedArray(
+        handle.shape, handle.dtype, buffer=memoryview(owner), offset=handle.offset,
+        strides=handle.strides,
+    )
+    if not handle.writable:
+        arr.flags.writeable = False
+    return arr
+
+
+def _reduce_array(collector: reduction.Collector, arr: np.ndarray) -> Any:
+    """A handle for an array in a segment; a large non-contiguous one is
+    copied straight into a segment; the rest as NumPy pickles it."""
+    located = locate_array(arr)
+    if located is not None:
+        handle, owner = located
+        if collector.carrier.hands_over:
+            copied = _copy_from_slab(collector, arr, owner)
+            if copied is not None:
+                return copied
+        collector.kept.append(arr)
+        if collector.carrier.hands_over and _hand_over(collector, owner, handle):
+            handle = handle._replace(given=True)
+        return rebuild_array, (handle,)
+    if (
+        arr.nbytes >= collector.carrier.threshold
+        and not arr.dtype.hasobject
+        and not (arr.flags.c_contiguous or arr.flags.f_contiguous)
+    ):
+        # NumPy would copy it into the pickle with tobytes(): copy it
+        # once, straight into a segment, instead.
+        mapped = collector.carrier.new_segment(arr.nbytes)
+        collector.made.append(reduction.Segment.of(mapped))
+        dst = np.ndarray(arr.shape, arr.dtype, buffer=mapped.buf)
+        np.copyto(dst, arr)
+        dst.flags.writeable = bool(arr.flags.writeable)  # as the copy arrives
+        del mapped  # dst keeps the mapping while pickled
+        buffer = pickle.PickleBuffer(dst)  # type: ignore[arg-type]
+        return _rebuild_contiguous, (buffer, arr.dtype, arr.shape)
+    return arr.__reduce_ex__(5)
+
+
+def _hand_over(collector: reduction.Collector, owner: Any, handle: _ArrayHandle) -> bool:
+    """Give the receiver a segment this process owns (an array of
+    :mod:`mpshm.numpy`, returned by a pool's task, say): it would
+    otherwise be destroyed when the sender drops the array, maybe before
+    the receiver attaches it."""
+    finalizer = _owned.pop(owner, None)
+    if finalizer is None:
+        return False
+    finalizer.detach()
+    forget_mapping(owner)  # this process's later pickles copy it
+    chosen = backends.get(handle.backend)  # (made here: a claim proves it on SysV)
+    collector.carrier.registry().register(chosen, handle.ident,
+                                          chosen.claim_identity(handle.ident, os.getpid()))
+    return True
+
+
+def _copy_from_slab(collector: reduction.Collector, arr: np.ndarray, owner: Any) -> Any:
+    """Reduce a small :mod:`mpshm.numpy` array that this process keeps in
+    a slab shared with its other small arrays (a pool worker's result,
+    say) by value: the slab cannot be handed over, and the chunk is reused
+    once the sender drops the array. Below the threshold it goes inline;
+    from it on, as a copy in a segment of its own, handed over. None if
+    *owner* is not such a slab."""
+    if not _slab.owns(owner):
+        return None
+    if arr.nbytes >= collector.carrier.threshold:
+        copy = _dedicated_copy(arr, owner)
+        if copy is not None:
+            return _reduce_array(collector, copy)
+    return np.asarray(arr).view(np.ndarray).__reduce_ex__(5)
+
+
+
+def _rebuild_contiguous(buffer: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
+# Plain ndarrays too: one that lies in a segment (a view of a SharedMemory's
+# buffer, say) is sent by handle; a SharedArray's own __reduce_ex__ would not
+# keep it alive while a pool's task runs.
+reduction.register(np.ndarray, _reduce_array)
+reduction.register(SharedArray, _reduce_array)

@@ -80,7 +80,7 @@ Key = tuple[str, str]
 
 class UntrustedJournalWarning(RuntimeWarning):
     """A state directory or journal that another user owns, or that others
-    may write to, was ignored (see :mod:`mpshm._journal`)."""
+    may write to, was ignored (see :mod:`mpshm.tracking.journal`)."""
 
 
 def _xdg_runtime_dir() -> Optional[str]:
@@ -209,7 +209,7 @@ def _put_line(key: Key, msg: dict[str, Any]) -> bytes:
 
 
 class Writer:
-    """The journal of the running tracker (used by :mod:`mpshm._tracker` only).
+    """The journal of the running tracker (used by :mod:`mpshm.tracking.server` only).
 
     Every method swallows OSError: once the journal fails, it is switched off
     and the tracker goes on without it.
@@ -274,22 +274,10 @@ class Writer:
         """Rewrite the journal as its header and what is held now."""
         lines = [_line(self._header)]
         lines += [_put_line(key, msg) for key, msg in entries.items()]
-        tmp = f"{self.path}.{secrets.token_hex(4)}.tmp"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC,
-                         0o600)
-            try:
-                os.fchmod(fd, 0o600)
-                _write_all(fd, b"".join(lines))
-            finally:
-                os.close(fd)
-            os.replace(tmp, self.path)
+            _replace(self.path, lines)
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | _O_NOFOLLOW | _O_CLOEXEC)
         except OSError:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
             return  # the old file is still complete: keep appending to it
         assert self._fd is not None
         os.close(self._fd)
@@ -412,12 +400,25 @@ def rewrite(journal: Journal, keep: dict[Key, dict[str, Any]]) -> None:
         except FileNotFoundError:
             pass
         return
-    lines = [_line(journal.header)] + [_line(obj) for obj in keep.values()]
-    tmp = f"{journal.path}.{secrets.token_hex(4)}.tmp"
+    _replace(journal.path, [_line(journal.header)] + [_line(obj) for obj in keep.values()])
+
+
+def _replace(path: str, lines: list[bytes]) -> None:
+    """Replace the file *path* by one (mode 0600) holding *lines*, atomically:
+    a reader sees the old file or the new one, never a part. Raises OSError,
+    leaving the old file and no temporary one."""
+    tmp = f"{path}.{secrets.token_hex(4)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
     try:
-        os.fchmod(fd, 0o600)
-        _write_all(fd, b"".join(lines))
-    finally:
-        os.close(fd)
-    os.replace(tmp, journal.path)
+        try:
+            os.fchmod(fd, 0o600)
+            _write_all(fd, b"".join(lines))
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

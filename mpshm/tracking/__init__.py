@@ -45,7 +45,7 @@ tracker destroys those as soon as that connection closes, which is how a
 manager's server makes its segments die with it.
 
 The tracker also journals what it holds to a file of its own (see
-:mod:`mpshm._journal`), and removes the file once it has cleaned up. If the
+:mod:`mpshm.tracking.journal`), and removes the file once it has cleaned up. If the
 tracker is killed together with its program (``kill -9 -1``, a container
 stopped, the OOM killer), nothing is left to destroy the program's tracked
 segments; the journal it leaves behind lets ``mpshm gc`` find and destroy
@@ -79,10 +79,10 @@ import warnings
 import weakref
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import _protocol
+from . import protocol as _protocol
 
 if TYPE_CHECKING:
-    from .backends import Backend
+    from ..backends import Backend
 
 __all__ = [
     "ENV_VAR",
@@ -309,7 +309,7 @@ class _Client:
         if sys.platform.startswith("linux"):
             address = f"\0mpshm-tracker-{os.geteuid()}-{token}"
         else:  # no abstract sockets: a path in the private directory
-            from .backends.mmapfile import check_dir, default_dir
+            from .._paths import check_dir, default_dir
 
             run = os.path.join(default_dir(), ".run")
             check_dir(run, create=True)
@@ -325,7 +325,7 @@ class _Client:
             argv = [
                 sys.executable,
                 "-m",
-                "mpshm._tracker",
+                "mpshm.tracking.server",
                 str(theirs.fileno()),
                 str(listener.fileno()),
             ]
@@ -540,7 +540,7 @@ class _Client:
             read_end, write_end = os.pipe()
             try:
                 _launch(
-                    [sys.executable, "-m", "mpshm._tracker", "deliver", str(sock_fd),
+                    [sys.executable, "-m", "mpshm.tracking.server", "deliver", str(sock_fd),
                      str(read_end)],
                     (*fds, read_end),
                     os.environ.get(ENV_VAR, ""),
@@ -671,8 +671,8 @@ def _find_tracker_pid(address: Optional[str]) -> Optional[int]:
     if not address:
         return None
     try:
-        from . import _journal
-        from ._tracker import alive
+        from .._sysinfo import alive
+        from . import journal as _journal
 
         for journal in _journal.read_all():
             started = journal.header.get("t")
@@ -697,7 +697,7 @@ def _caller_level() -> int:
 
 
 def _deliver(sock_fd: int, pipe_fd: int) -> None:
-    """The helper's work (``python -m mpshm._tracker deliver``): deliver what
+    """The helper's work (``python -m mpshm.tracking.server deliver``): deliver what
     a process that ended could not, waiting as long as the tracker takes.
     Holding the connection meanwhile, it keeps the tracker waiting for the
     program (or a scope open) until the tracker has it all. If the tracker is
@@ -768,12 +768,11 @@ def _after_fork_in_child() -> None:
 
 atexit.register(_at_exit)
 _client = _Client()
-if hasattr(os, "register_at_fork"):
-    # (The os module holds the bound method to the very end of the
-    # interpreter, and with it the main client: its socket is never
-    # collected, with a ResourceWarning, while module globals are cleared.)
-    os.register_at_fork(after_in_child=_client._after_fork)
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+# (The os module holds the bound method to the very end of the interpreter,
+# and with it the main client: its socket is never collected, with a
+# ResourceWarning, while module globals are cleared.)
+os.register_at_fork(after_in_child=_client._after_fork)
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def ensure_running() -> None:
@@ -795,8 +794,7 @@ def _close_scopes_after_fork() -> None:
 
 
 _scopes: weakref.WeakSet[Scope] = weakref.WeakSet()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_close_scopes_after_fork)
+os.register_at_fork(after_in_child=_close_scopes_after_fork)
 
 
 class Scope:
