@@ -20,7 +20,6 @@ Pools whose task arguments and results travel through shared memory
 NumPy arrays that live in shared memory are in :mod:`mpshm.numpy`.
 """
 
-import os
 import sys
 
 from . import reduction
@@ -45,11 +44,11 @@ __version__ = "0.1.0"
 
 def _numpy_reducers() -> bool:
     """Register :mod:`mpshm.numpy`'s reducers (it does so when imported).
-    False, to be asked again, while it is being imported by a thread of the
-    process this one was forked from: that import would never finish here."""
+    False, to be asked again, while someone else imports it: another thread
+    (it registers them when done), or, in a child forked meanwhile, a thread
+    of the parent, whose import would never finish here."""
     module = sys.modules.get(f"{__name__}.numpy")
-    if (module is not None and reduction.initializing(module)
-            and getattr(module, "_imported_by", None) != os.getpid()):
+    if module is not None and reduction.initializing(module):
         return False
     from . import numpy  # noqa: F401
 

@@ -231,7 +231,7 @@ class Carrier:
 #: changed in place: picklers being made read it without a lock).
 _reducers: dict[type, Callable[[Any, Any], Any]] = {}
 #: Loaders that register reducers, by the top-level module whose import they
-#: wait for (see :func:`register_lazy`).
+#: wait for (see :func:`register_lazy`; replaced, never changed in place).
 _lazy: dict[str, Callable[[], Optional[bool]]] = {}
 _lazy_lock = threading.RLock()
 _version = 0
@@ -264,8 +264,9 @@ def register_lazy(module: str, loader: Callable[[], Optional[bool]]) -> None:
     made after *module* (a top-level module, ``"numpy"``) has been imported
     by someone: programs that never use it never pay for its reducers. A
     loader that returns False is asked again for the next pickler."""
+    global _lazy
     with _lazy_lock:
-        _lazy[module] = loader
+        _lazy = {**_lazy, module: loader}
 
 
 def initializing(module: Any) -> bool:
@@ -274,7 +275,10 @@ def initializing(module: Any) -> bool:
 
 
 def _load_lazy() -> None:
-    if not _lazy:
+    global _lazy
+    # (Every pickler a pool makes or reuses comes here: no lock until a
+    # module a loader waits for has been imported.)
+    if all(sys.modules.get(name) is None for name in _lazy):
         return
     with _lazy_lock:  # (others wait here until the reducers are registered)
         for name in list(_lazy):
@@ -291,7 +295,7 @@ def _load_lazy() -> None:
                               RuntimeWarning, stacklevel=3)
                 done = True
             if done:
-                del _lazy[name]
+                _lazy = {key: value for key, value in _lazy.items() if key != name}
 
 
 class Collector:

@@ -151,14 +151,13 @@ def attach_mapping(
 
 
 def create_mapping(
-    size: int, chosen: Backend, options: Mapping[str, Any], registry: Any = None,
+    size: int, chosen: Backend, options: Mapping[str, Any], registry: _Registry,
 ) -> Mapped:
-    """A new segment of *size* bytes with a generated name on *chosen*,
-    registered with *registry* (default: the program's tracker), and noted
-    so that the pickler finds views of it by address."""
-    shm = SharedMemory._create_in(tracking if registry is None else registry, size, chosen,
-                                  options)
-    return shm._let_go(note=True)
+    """A new segment of *size* bytes with a generated name on *chosen* (its
+    *options* checked by the caller), registered with *registry* (the
+    :mod:`~mpshm.tracking` module, a pool's scope, ...), and noted so that
+    the pickler finds views of it by address."""
+    return SharedMemory._create_in(registry, size, chosen, options)._let_go(note=True)
 
 
 class SharedMemory:

@@ -39,6 +39,7 @@ __all__ = [
     "available",
     "get",
     "get_default_backend",
+    "install_hint",
     "names_agree",
     "register",
     "registry",
@@ -55,10 +56,8 @@ _registry: dict[str, Union[Backend, str]] = {
 #: Read-only view of the registry: name -> backend, or "module:Class" not yet imported.
 registry: Mapping[str, Union[Backend, str]] = MappingProxyType(_registry)
 
-#: The libraries the built-in backends need (``mpshm doctor`` names them).
-_PACKAGES = {"posix": "posix_ipc", "sysv": "sysv_ipc"}
 #: Install hint of each registry entry that has one: name -> what to run.
-_install: dict[str, str] = {name: f"pip install {package}" for name, package in _PACKAGES.items()}
+_install: dict[str, str] = {"posix": "pip install posix_ipc", "sysv": "pip install sysv_ipc"}
 #: Name -> the "module:Class" spec a loaded entry was imported from.
 _loaded_from: dict[str, str] = {}
 _SCHEME = re.compile(r"([a-z][a-z0-9_+.-]*):(.*)", re.DOTALL)
@@ -132,12 +131,18 @@ def _same(name: str, entry: Union[Backend, str], backend: Union[Backend, str]) -
     return backend in (_loaded_from.get(name), f"{kind.__module__}:{kind.__qualname__}")
 
 
+def install_hint(name: str) -> Optional[str]:
+    """What to install for backend *name* to load (``"pip install posix_ipc"``),
+    as registered with ``register(..., install=...)``; None if nothing was said."""
+    return _install.get(name)
+
+
 def _load(name: str, spec: str) -> Backend:
     module_name, _, attr = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        hint = _install.get(name)
+        hint = install_hint(name)
         hint_text = f" Install it with: {hint}" if hint else ""
         raise ImportError(f"the {name!r} backend cannot be loaded ({exc}).{hint_text}") from exc
     obj: Any = module

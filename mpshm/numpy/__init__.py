@@ -26,28 +26,22 @@ is done); for a small array this is a must, since another process's view of
 a reused chunk sees the new owner's data.
 """
 
-# ruff: noqa: E402  (the marker below is set before NumPy is imported)
 from __future__ import annotations
-
-import os
-
-#: The process importing this module (see ``mpshm._numpy_reducers``): set
-#: before NumPy is imported, which may take a while.
-_imported_by = os.getpid()
 
 import math
 import operator
+import os
 import pickle
 import weakref
 from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from .. import backends, reduction
+from .. import backends, reduction, tracking
 from .._mappings import destroy_name, find, forget_mapping, reaper
 from .._sysinfo import machine
 from ..errors import HandleError
-from ..shared_memory import SharedMemory
+from ..shared_memory import SharedMemory, create_mapping
 from . import _slab
 
 __all__ = [
@@ -131,8 +125,8 @@ def _owned_array(
         view = _slab.allocate(nbytes, chosen, options, zero)
         if view is not None:
             return SharedArray(shape, dtype, buffer=view, order=order)  # type: ignore[arg-type]
-    shm = SharedMemory(create=True, size=max(nbytes, 1), backend=backend, **options)
-    mapped = shm._let_go(note=True)
+    chosen, _ = backends.resolve(None, backend, options)
+    mapped = create_mapping(max(nbytes, 1), chosen, options, tracking)
     arr = SharedArray(shape, dtype, buffer=memoryview(mapped.owner),
                       order=order)  # type: ignore[arg-type]
     _owned[mapped.owner] = weakref.finalize(mapped.owner, destroy_name, mapped.backend.name,

@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Optional
 from .. import tracking
 from .._mappings import destroy_name, forget_mapping
 from .._sysinfo import buffer_address
-from ..shared_memory import SharedMemory
+from ..shared_memory import create_mapping
 
 if TYPE_CHECKING:
     from ..backends import Backend
@@ -144,9 +144,8 @@ class Slab:
         self, heap: _Heap, key: tuple[Any, ...], chunk: int, size: int, chosen: Backend,
         options: Mapping[str, Any],
     ) -> None:
-        shm = SharedMemory(create=True, size=size, backend=chosen.name, **options)
         # Noted: arrays in it are found by address, and pickle as handles.
-        mapped = shm._let_go(note=True)
+        mapped = create_mapping(size, chosen, options, tracking)
         self.heap = heap
         self.key = key
         self.chunk = chunk
@@ -160,7 +159,7 @@ class Slab:
         self.vanished = False
         self.owner = mapped.owner
         _made[self.owner] = os.getpid()
-        del shm, mapped
+        del mapped
         self.view: memoryview = memoryview(self.owner)
         self.address = buffer_address(self.owner)
         self.bump = 0  # chunks from here on were never handed out: zeros

@@ -96,8 +96,7 @@ def _trial_remedy(backend: str, exc: BaseException) -> Optional[str]:
     from ... import backends
 
     if isinstance(exc, ImportError):
-        package = backends._PACKAGES.get(backend)
-        return f"pip install {package}" if package else "install what the backend's module needs"
+        return backends.install_hint(backend) or "install what the backend's module needs"
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
         return {
             "posix": "see the /dev/shm check above: " + _REMEDY_SHM_CONTAINER,
