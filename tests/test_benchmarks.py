@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from helpers import ROOT
 
 
@@ -105,3 +106,20 @@ def test_overhead_benchmark_runs(tmp_path):
                for row in rows)
     assert [row["target"] for row in rows[:4]] == [1.1, 1.1, 1.1, 1.2]
     assert all(row["pass"] in (True, False) for row in rows[:4])
+
+
+def test_joblib_benchmark_runs(tmp_path):
+    pytest.importorskip("joblib", minversion="1.5")
+    figures = _run("joblib_backend.py", tmp_path / "figures.json", "--sizes", "1M",
+                   "--storages", "posix", "sysv")
+    rows = figures["rows"]
+    assert sorted((r["what"], r["method"]) for r in rows) == sorted(
+        [("send", "loky"), ("return", "loky")]
+        + [(what, f"mpshm-{storage}") for what in ("send", "return", "send-preshared")
+           for storage in ("posix", "sysv", "posix-nocache")])
+    assert all(r["ms"] > 0 and r["x_memcpy"] > 0 and r["x_loky"] > 0 for r in rows)
+    assert set(figures["small"]) == {"mpshm-posix", "mpshm-sysv", "mpshm-posix-nocache"}
+    assert all(s["ms"] > 0 and s["loky_ms"] > 0 for s in figures["small"].values())
+    # The verdicts are there (at 256 MiB only: none for 1 MiB but the small tasks').
+    assert [t[0] for t in figures["targets"]] == [
+        "small mpshm-posix time / loky's", "small mpshm-sysv time / loky's"]

@@ -70,6 +70,11 @@ def test_example_on_backend(path: str, backend: str) -> None:
     check_example(path, "--backend", backend)
 
 
+@pytest.mark.parametrize("storage", ["sysv", "mmap"])
+def test_joblib_example_on_storage(storage: str) -> None:
+    check_example(os.path.join(ROOT, "examples", "joblib_backend.py"), "--storage", storage)
+
+
 def check_example(path: str, *args: str) -> None:
     """Run the example *path* with *args*; it must succeed, quietly, leaving nothing."""
     env = dict(os.environ)

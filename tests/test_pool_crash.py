@@ -99,6 +99,29 @@ def test_worker_killed_mid_task_executor(backend, method, tmp_path):
         ex.shutdown(wait=True)
 
 
+def test_executor_notices_the_death_of_a_worker_started_on_demand(tmp_path):
+    """With spawn (and forkserver) the standard library starts a worker per
+    submit while none is idle, after waking its manager thread: woken too
+    early, that thread would wait without the new worker's sentinel, and a
+    SIGKILL of that worker would hang the executor instead of breaking it
+    (one round in about ten, here). mpshm's executor wakes it once more."""
+    ctx = multiprocessing.get_context("spawn")
+    for round_ in range(8):
+        ex = mpshm.ProcessPoolExecutor(2, mp_context=ctx)
+        try:
+            paths = [str(tmp_path / f"parked{round_}-{i}") for i in range(2)]
+            futures = [ex.submit(park, np.ones(MiB // 8), path) for path in paths]
+            parked = {pid for pid, _ in (_parked(path) for path in paths)}
+            later = list(ex._processes)[1]  # started by the second submit
+            assert later in parked
+            os.kill(later, signal.SIGKILL)
+            for future in futures:
+                with pytest.raises(concurrent.futures.process.BrokenProcessPool):
+                    future.result(20)
+        finally:
+            ex.shutdown(wait=True)
+
+
 PARENT = """
     import multiprocessing, sys, time
     import numpy as np

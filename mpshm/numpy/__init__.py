@@ -7,6 +7,9 @@ Arrays made here are :class:`SharedArray` objects (an ``ndarray`` subclass
 with no other difference): they, and every slice, view or transpose of them,
 pickle as a handle with any pickler, plain :mod:`pickle` included, and
 unpickle in another process as a writable, zero-copy view of the same memory.
+(One exception: returned by a task of the standard library's pools or of
+loky, joblib's default backend, they pickle by value, as those pools pickle
+every result: a handle would outlive its segment.)
 
 Lifetime: an array from :func:`empty`, :func:`zeros` or :func:`asshared` owns
 its memory. A *dedicated* array (larger than :data:`slab_limit` bytes, or made
@@ -32,6 +35,8 @@ import math
 import operator
 import os
 import pickle
+import sys
+import types
 import weakref
 from typing import Any, NamedTuple, Optional
 
@@ -72,7 +77,7 @@ class SharedArray(np.ndarray):  # type: ignore[type-arg,unused-ignore]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         handle = array_handle(self)
-        if handle is not None:
+        if handle is not None and not _sends_results_by_value():
             return rebuild_array, (handle,)
         return np.asarray(self).view(np.ndarray).__reduce_ex__(protocol)
 
@@ -86,6 +91,42 @@ class SharedArray(np.ndarray):  # type: ignore[type-arg,unused-ignore]
             if scalar and result.ndim == 0:
                 return result[()]
         return result
+
+
+#: Where pools that pickle a task's result with a plain pickler, and then
+#: drop it, do so (so that the segment of a handle would be gone before the
+#: parent attaches it): the standard library's ``concurrent.futures`` and
+#: loky's (joblib's default backend) in a function of their own, (module,
+#: function) pairs; and ``multiprocessing.Pool``'s worker (also joblib's
+#: "multiprocessing" backend), by calling its result queue's ``put``.
+_RESULT_SENDERS = frozenset({
+    ("concurrent.futures.process", "_sendback_result"),
+    ("joblib.externals.loky.process_executor", "_sendback_result"),
+    ("loky.process_executor", "_sendback_result"),
+})
+_POOL_WORKER = ("multiprocessing.pool", "worker")
+
+
+def _sends_results_by_value() -> bool:
+    """Whether this pickling is such a pool's worker pickling a task's
+    result (see :data:`_RESULT_SENDERS`): an array then pickles by value, as
+    the pool pickles every result, instead of as a handle that would
+    outlive its segment. Anything else the worker pickles (a helper
+    process's arguments, say) still goes by handle. mpshm's own pools (and
+    its joblib backend) pickle arrays with the sharing pickler, which hands
+    their segments over and never asks this."""
+    frame: Optional[types.FrameType] = sys._getframe(2)
+    callee: Optional[types.FrameType] = None
+    while frame is not None:
+        where = (frame.f_globals.get("__name__"), frame.f_code.co_name)
+        if where in _RESULT_SENDERS:
+            return True
+        if where == _POOL_WORKER:  # (it also runs the task, which may pickle)
+            # Its queue's put (the standard library's, or a subclass's:
+            # joblib's), not the task's function.
+            return callee is not None and callee.f_code.co_name == "put"
+        callee, frame = frame, frame.f_back
+    return False
 
 
 # Finalizers of the segments this process owns, by mapping owner.
@@ -320,10 +361,20 @@ def rebuild_array(handle: _ArrayHandle) -> np.ndarray:
             f"invalid array handle: offset {handle.offset!r} is not within the "
             f"{handle.size!r} bytes of segment {handle.name!r}"
         )
-    owner = reduction.attach_owner(
-        handle.backend, handle.ident, handle.name, handle.size, handle.machine,
-        shareable=not handle.given, cache=reduction.receiver().cache and not handle.given,
-    )
+    try:
+        owner = reduction.attach_owner(
+            handle.backend, handle.ident, handle.name, handle.size, handle.machine,
+            shareable=not handle.given, cache=reduction.receiver().cache and not handle.given,
+        )
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(
+            exc.errno,
+            f"{exc.strerror or exc} (it held a pickled mpshm.numpy array: the process "
+            "that made the array may have dropped it, or ended, before this one unpickled "
+            "the handle). Keep the array alive until it is received; to return one from a "
+            "task, use mpshm's pools or its joblib backend (they hand the segment over), "
+            "or return a copy (numpy.array(arr))",
+        ) from exc
     if handle.given:
         reaper.watch(owner, handle.backend, handle.ident)
     arr = SharedArray(

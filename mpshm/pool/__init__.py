@@ -35,6 +35,7 @@ import weakref
 from multiprocessing import connection, context, util
 from typing import Any, Callable, Iterable, Iterator, Optional
 
+from .. import tracking
 from ..reduction import DEFAULT_THRESHOLD
 from .initargs import _end_context, _PoolsInitargs
 from .sharing import SimpleQueue, _Batch, _batches, _share_queue, _Sharing, _when_all_done
@@ -80,7 +81,11 @@ _PROCESSES: dict[str, type] = {"spawn": _SpawnProcess}
 if sys.platform != "win32":
 
     class _ForkProcess(_Watched, context.ForkProcess):
-        pass
+        def start(self) -> None:
+            """Fork, never while this process starts a program (see
+            :data:`mpshm.tracking.fork_lock`)."""
+            with tracking.fork_lock:
+                super().start()
 
     class _ForkServerProcess(_Watched, context.ForkServerProcess):
         pass
@@ -392,7 +397,16 @@ class ProcessPoolExecutor(concurrent.futures.ProcessPoolExecutor):
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Like the standard library's."""
+        processes = self._processes
+        before = len(processes) if processes is not None else 0
         future = super().submit(fn, *args, **kwargs)
+        if processes is not None and len(processes) != before:
+            # The standard library wakes its manager thread before it starts
+            # a worker on demand (spawn, forkserver): a thread that woke up
+            # too early waits without that worker's sentinel, and would
+            # never notice its death (SIGKILL: the executor would hang
+            # instead of breaking). Woken once more, it sees every worker.
+            self._executor_manager_thread_wakeup.wakeup()
         futures = getattr(self._mpshm_local, "futures", None)
         if futures is not None:
             futures.append(future)

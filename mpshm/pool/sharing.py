@@ -104,7 +104,7 @@ def _unwrap(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 class _Deferred:
     """(A worker) a task's function with its arguments, which it lets go of
-    when called: the standard library's worker holds its task until the
+    (both) when called: the standard library's worker holds its task until the
     result is sent, so without this a task's argument segments would stay
     in use (leased, see :class:`~mpshm._mappings.MappingCache`) until the next
     result, and the parent could reuse them one task later."""
@@ -112,13 +112,16 @@ class _Deferred:
     __slots__ = ("args", "fn", "kwargs")
 
     def __init__(self, fn: Callable[..., Any], args: Any, kwargs: Any) -> None:
-        self.fn = fn
+        self.fn: Optional[Callable[..., Any]] = fn
         self.args = args
         self.kwargs = kwargs
 
     def __call__(self) -> Any:
         fn, args, kwargs = self.fn, self.args, self.kwargs
-        self.args = self.kwargs = None
+        # The function too: it may hold arguments of its own (joblib's
+        # batch of calls, a functools.partial).
+        self.fn = self.args = self.kwargs = None
+        assert fn is not None, "a task is called once"
         return fn(*args, **kwargs)
 
 
@@ -1021,9 +1024,16 @@ _locate_array: Optional[Callable[[Any], Any]] = None
 
 
 def _in_segment(arr: Any) -> bool:
-    """Whether NumPy array *arr* lies in a segment (it is sent by handle)."""
+    """Whether NumPy array *arr* lies in a segment (it is sent by handle).
+    True (it may: the sharing pickler decides) while :mod:`mpshm.numpy` is
+    being imported: by another thread, or, in a child forked meanwhile, by
+    a thread of the parent that will never finish here (waiting for its
+    import would hang the child for good)."""
     global _locate_array
     if _locate_array is None:
+        module = sys.modules.get(f"{reduction.__package__}.numpy")
+        if module is not None and reduction.initializing(module):
+            return True
         from ..numpy import locate_array
 
         _locate_array = locate_array

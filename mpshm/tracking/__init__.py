@@ -644,6 +644,23 @@ class _Client:
         return self._pid
 
 
+#: Held while this process starts a program (a tracker, a helper) and while
+#: mpshm's pools fork a worker (:mod:`mpshm.pool`): a process forked in
+#: between, and not exec'd, would inherit the pipe on which
+#: :mod:`subprocess` waits for the program's exec, and the start would wait
+#: for ever (two threads of a program, one starting the first tracker while
+#: the other starts a pool, say). Renewed in a forked child.
+fork_lock = threading.Lock()
+
+
+def _renew_fork_lock() -> None:
+    global fork_lock
+    fork_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_renew_fork_lock)
+
+
 def _launch(argv: list[str], fds: tuple[int, ...], address: str) -> int:
     """Start ``argv`` (a tracker or a helper) with *fds* open and
     ``MPSHM_TRACKER=address``, detached; return its pid. Through sh, so that
@@ -653,16 +670,17 @@ def _launch(argv: list[str], fds: tuple[int, ...], address: str) -> int:
     env[ENV_VAR] = address
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    launcher = subprocess.run(
-        ["/bin/sh", "-c", '"$@" </dev/null >/dev/null 2>&1 & echo $!', "sh", *argv],
-        pass_fds=fds,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env=env,
-        check=True,
-    )
+    with fork_lock:
+        launcher = subprocess.run(
+            ["/bin/sh", "-c", '"$@" </dev/null >/dev/null 2>&1 & echo $!', "sh", *argv],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            env=env,
+            check=True,
+        )
     return int(launcher.stdout.split()[0])
 
 
