@@ -213,14 +213,14 @@ def main(argv: list[str]) -> int:
         else args.storages
     figures = run([_size(s) for s in sizes], args.repeat, storages)
     print(f"joblib {joblib.__version__}, Parallel(n_jobs={WORKERS}), medians of {args.repeat}")
-    print(f"{'what':<15} {'size':>8}  {'method':<12} {'ms':>9} {'x memcpy':>9} {'x loky':>8}")
+    print(f"{'what':<15} {'size':>8}  {'method':<20} {'ms':>9} {'x memcpy':>9} {'x loky':>8}")
     for r in figures["rows"]:
-        print(f"{r['what']:<15} {label(r['size']):>8}  {r['method']:<12} {r['ms']:9.2f} "
+        print(f"{r['what']:<15} {label(r['size']):>8}  {r['method']:<20} {r['ms']:9.2f} "
               f"{r['x_memcpy']:9.2f} {r['x_loky']:8.2f}")
     print(f"\nsmall: a call of {SMALL_TASKS:,} trivial tasks, medians of "
           f"{3 * args.repeat} calls alternating with loky's")
     for name, small in figures["small"].items():
-        print(f"  {name:<12} {small['ms']:7.1f} ms   loky {small['loky_ms']:7.1f} ms   "
+        print(f"  {name:<20} {small['ms']:7.1f} ms   loky {small['loky_ms']:7.1f} ms   "
               f"{small['ratio']:.2f}x loky's time")
     checks = targets(figures)
     figures["targets"] = [list(check) for check in checks]
