@@ -24,9 +24,12 @@ executor's queues pickle with :class:`mpshm.reduction.SharingPickler`
 this backend does differently from loky.
 
 Workers are kept between ``Parallel`` calls with the same settings (as
-loky keeps its own); what a call copied into shared memory is destroyed
-when the call ends, results excepted: an array a task returns arrives as
-the parent's own writable copy, valid for as long as the parent holds it.
+loky keeps its own), and so are the segments a call copied arguments into
+(warm, for the next call: a fresh segment costs the kernel about four
+times a copy into a warm one); they are destroyed after 5 seconds unused,
+by :func:`shutdown` and at exit (with ``cache_bytes=0``: as soon as their
+tasks are done). An array a task returns arrives as the parent's own
+writable array, valid for as long as the parent holds it.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ from joblib.parallel import (
     SequentialBackend,
 )
 
-try:  # joblib vendored it up to 1.5; loky uses it when it is installed
+try:  # joblib vendored it before 1.6; loky uses it when it is installed
     import cloudpickle
 except ImportError:  # pragma: no cover (the joblib extra installs it)
     from joblib.externals import cloudpickle
