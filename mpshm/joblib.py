@@ -59,6 +59,7 @@ except ImportError:  # pragma: no cover (the joblib extra installs it)
     from joblib.externals import cloudpickle
 
 from .pool import ProcessPoolExecutor, SharingContext, get_context
+from .pool.sharing import _check_cache_bytes, _check_copy_budget
 from .reduction import DEFAULT_THRESHOLD, Carrier
 
 __all__ = ["NAME", "MpshmBackend", "shutdown"]
@@ -328,9 +329,8 @@ class MpshmBackend(AutoBatchingMixin, ParallelBackendBase):  # type: ignore[misc
                 "start_method=, share_threshold=, cache_bytes=, copy_budget= and the "
                 "storage's options such as dir=; joblib's own settings go to Parallel)"
             ) from exc
-        for name, value in (("cache_bytes", cache_bytes), ("copy_budget", copy_budget)):
-            if value is not None and (not isinstance(value, int) or value < 0):
-                raise ValueError(f"{name} must be None or a number of bytes >= 0, not {value!r}")
+        _check_cache_bytes(cache_bytes)  # (the pool's own checks, and messages)
+        _check_copy_budget(copy_budget)
 
     def effective_n_jobs(self, n_jobs: Optional[int]) -> int:
         """The number of workers for *n_jobs* (negative: counted back from
