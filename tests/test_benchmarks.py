@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -123,3 +124,19 @@ def test_joblib_benchmark_runs(tmp_path):
     # The verdicts are there (at 256 MiB only: none for 1 MiB but the small tasks').
     assert [t[0] for t in figures["targets"]] == [
         "small mpshm-posix time / loky's", "small mpshm-sysv time / loky's"]
+
+
+def test_dask_benchmark_runs(tmp_path):
+    pytest.importorskip("distributed")
+    figures = _run("dask_transfers.py", tmp_path / "figures.json", "--sizes", "1M")
+    rows = figures["rows"]
+    seen = {(r["path"], r["method"]) for r in rows}
+    assert {("w2w", "dask"), ("c2w", "dask"), ("w2c", "dask"), ("c2w", "dask-direct"),
+            ("w2c", "dask-direct"), ("w2w", "mpshm"), ("c2w", "mpshm"), ("w2c", "mpshm"),
+            ("w2w-preshared", "mpshm"), ("c2w-preshared", "mpshm"),
+            ("w2c-preshared", "mpshm")} <= seen
+    if os.geteuid() == 0:  # the worker in its own namespaces
+        assert {("w2w", "fallback"), ("c2w", "fallback")} <= seen
+    # (w2w is a difference of two timings: at 1 MiB and one round, noise may win)
+    assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows if r["path"] != "w2w")
+    assert figures["targets"] == []  # verdicts only at 256 MiB

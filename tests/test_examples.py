@@ -75,6 +75,12 @@ def test_joblib_example_on_storage(storage: str) -> None:
     check_example(os.path.join(ROOT, "examples", "joblib_backend.py"), "--storage", storage)
 
 
+@pytest.mark.parametrize("storage", ["posix", "sysv", "mmap"])
+def test_dask_example_on_storage(storage: str) -> None:
+    pytest.importorskip("distributed", reason="pip install 'mpshm[dask]'")
+    check_example(os.path.join(ROOT, "examples", "dask_cluster.py"), "--storage", storage)
+
+
 def check_example(path: str, *args: str) -> None:
     """Run the example *path* with *args*; it must succeed, quietly, leaving nothing."""
     env = dict(os.environ)
