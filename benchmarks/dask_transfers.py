@@ -28,15 +28,20 @@ round):
 Methods: ``dask`` (Dask's defaults: the client's data goes through the
 scheduler), ``dask-direct`` (Dask with ``direct_to_workers=True``, what
 mpshm's client uses: it shows what the scheduler's relay costs), ``mpshm``;
-and, as root, ``fallback``: w2w and c2w between this cluster's worker and a
-worker started inside ``unshare --ipc --mount`` with its own tmpfs on
-/dev/shm (mpshm.dask preloaded, so the check runs and decides "bytes").
+and, as root, ``fallback``: w2w and c2w between this cluster's worker (or
+the client) and a worker started inside ``unshare --ipc --mount`` with its
+own tmpfs on /dev/shm (mpshm.dask preloaded, so the check runs and decides
+"bytes"), in rounds alternating with ``dask-same``: the same processes with
+mpshm.dask off on the sender (Dask's own path), so that only the check's
+cost differs. ``dask-ns``: the namespaced worker in Dask's own cluster, no
+mpshm anywhere (for scale: such a worker is slower than LocalCluster's own).
 The last lines check issue 18's targets at 256 MiB with PASS or FAIL.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -46,14 +51,14 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 from distributed import Client, LocalCluster, wait
 
 import mpshm.dask
 import mpshm.numpy
-from mpshm.bench import MIB, label
+from mpshm.bench import MIB, label, parse_size
 
 WARMUP = 2
 
@@ -74,18 +79,10 @@ def _sum(x: np.ndarray) -> float:
     return float(x.sum())
 
 
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
-
-
-def _rounds(fn: Callable[[int], float], repeat: int) -> float:
-    for i in range(WARMUP):
+def _rounds(fn: Callable[[int], float], repeat: int, warmup: int = WARMUP) -> float:
+    for i in range(warmup):
         fn(i)
-    return statistics.median(fn(i) for i in range(WARMUP, WARMUP + repeat))
+    return statistics.median(fn(i) for i in range(warmup, warmup + repeat))
 
 
 def _memcpy(nbytes: int, repeat: int) -> float:
@@ -106,7 +103,7 @@ def _settle(client: Client) -> None:
 
 
 def w2w(client: Client, a: str, b: str, n: int, repeat: int, shared: bool,
-        ) -> float:
+        warmup: int = WARMUP) -> float:
     make = _made_shared if shared else _made
 
     def one(i: int) -> float:
@@ -122,10 +119,41 @@ def w2w(client: Client, a: str, b: str, n: int, repeat: int, shared: bool,
         _settle(client)
         return (end - mid) - (mid - start)
 
-    return _rounds(one, repeat)
+    return _rounds(one, repeat, warmup)
 
 
-def c2w(client: Client, a: str, n: int, repeat: int, shared: bool) -> float:
+def _engage(on: bool, storage: str) -> None:
+    """mpshm.dask in this process: on (its settings), or off (a threshold no
+    array reaches: Dask's own path, through the same serializer entry)."""
+    mpshm.dask.configure(storage, mpshm.dask.DEFAULT_THRESHOLD if on else 1 << 62)
+
+
+def fallback_pair(client: Client, sender: Optional[str], receiver: str, n: int, repeat: int,
+                  storage: str) -> tuple[float, float]:
+    """Medians of w2w (*sender* a worker) or c2w (*sender* None: this client)
+    to *receiver*, which cannot map our memory: rounds alternate between
+    mpshm.dask engaged on the sender (its check runs and says "bytes") and
+    off, in the same processes, so that only the check's cost differs."""
+    samples: dict[bool, list[float]] = {True: [], False: []}
+    for i in range(2 * (WARMUP + repeat)):
+        on = i % 2 == 0
+        if sender is None:
+            _engage(on, storage)
+            t = c2w(client, receiver, n, 1, False, warmup=0)
+        else:
+            client.run(_engage, on, storage, workers=[sender])
+            t = w2w(client, sender, receiver, n, 1, False, warmup=0)
+        if i >= 2 * WARMUP:
+            samples[on].append(t)
+    if sender is None:
+        _engage(True, storage)
+    else:
+        client.run(_engage, True, storage, workers=[sender])
+    return statistics.median(samples[True]), statistics.median(samples[False])
+
+
+def c2w(client: Client, a: str, n: int, repeat: int, shared: bool,
+        warmup: int = WARMUP) -> float:
     def one(i: int) -> float:
         y = _made_shared(n, float(i)) if shared else _made(n, float(i))
         start = time.perf_counter()
@@ -140,7 +168,7 @@ def c2w(client: Client, a: str, n: int, repeat: int, shared: bool) -> float:
         _settle(client)
         return end - start
 
-    return _rounds(one, repeat)
+    return _rounds(one, repeat, warmup)
 
 
 def w2c(client: Client, a: str, n: int, repeat: int, shared: bool) -> float:
@@ -160,13 +188,15 @@ def w2c(client: Client, a: str, n: int, repeat: int, shared: bool) -> float:
     return _rounds(one, repeat)
 
 
-def _namespaced_worker(address: str) -> Optional[subprocess.Popen[bytes]]:
-    """A worker in private IPC and mount namespaces with its own /dev/shm, or
-    None (not root, or no unshare)."""
+def _namespaced_worker(address: str, preload: bool) -> Optional[subprocess.Popen[bytes]]:
+    """A worker (with its nanny, as LocalCluster's) in private IPC and mount
+    namespaces with its own /dev/shm, listening on 127.0.0.1 as LocalCluster's
+    workers do; or None (not root, or no unshare)."""
     if os.geteuid() != 0 or not shutil.which("unshare"):
         return None
     shell = ('mount -t tmpfs tmpfs /dev/shm && exec "$0" -m distributed.cli.dask_worker "$1" '
-             '--preload mpshm.dask --nthreads 1 --no-nanny --no-dashboard --name namespaced')
+             '--host 127.0.0.1 --nthreads 1 --no-dashboard --name namespaced'
+             + (' --preload mpshm.dask' if preload else ''))
     env = dict(os.environ)
     env.pop("MPSHM_TRACKER", None)
     here = os.path.dirname(os.path.abspath(__file__))
@@ -176,6 +206,27 @@ def _namespaced_worker(address: str) -> Optional[subprocess.Popen[bytes]]:
                              sys.executable, address], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+
+
+@contextlib.contextmanager
+def _namespaced(client: Client, address: str, preload: bool) -> Iterator[Optional[str]]:
+    """The address of a namespaced worker joined to the cluster at *address*
+    (None if none can be started); stopped (by its PID) on exit."""
+    proc = _namespaced_worker(address, preload)
+    if proc is None:
+        yield None
+        return
+    try:
+        client.wait_for_workers(3, timeout=60)
+        info = client.scheduler_info()["workers"]
+        yield next(w for w, d in info.items() if d.get("name") == "namespaced")
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)  # our own child, by PID
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
@@ -189,7 +240,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     parser.add_argument("--progress", action="store_true",
                         help="print each figure to stderr as it is measured")
     args = parser.parse_args(argv)
-    sizes = [_size(s) for s in args.sizes]
+    sizes = [parse_size(s) for s in args.sizes]
     import distributed
 
     print(f"distributed {distributed.__version__}, LocalCluster(n_workers=2, "
@@ -222,26 +273,26 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
             run("dask", client, a, b, ["w2w", "c2w", "w2c"])
         with Client(cluster, direct_to_workers=True) as client:
             run("dask-direct", client, a, b, ["c2w", "w2c"])
+            if not args.no_fallback:
+                with _namespaced(client, cluster.scheduler_address, False) as inside:
+                    if inside is not None:
+                        run("dask-ns", client, a, inside, ["w2w"])
+                        run("dask-ns", client, inside, a, ["c2w"])
     with mpshm.dask.local_cluster(backend=args.storage, **common) as cluster:
         a, b = sorted(cluster.scheduler_info["workers"])
         with Client(cluster, direct_to_workers=True) as client:
             run("mpshm", client, a, b, ["w2w", "c2w", "w2c", "w2w-preshared",
                                          "c2w-preshared", "w2c-preshared"])
-            proc = None if args.no_fallback else _namespaced_worker(cluster.scheduler_address)
-            if proc is not None:
-                try:
-                    client.wait_for_workers(3, timeout=60)
-                    info = client.scheduler_info()["workers"]
-                    inside = next(w for w, d in info.items() if d.get("name") == "namespaced")
-                    run("fallback", client, a, inside, ["w2w"])
-                    run("fallback", client, inside, a, ["c2w"])
-                finally:
-                    os.kill(proc.pid, signal.SIGTERM)  # our own child, by PID
-                    try:
-                        proc.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        os.kill(proc.pid, signal.SIGKILL)
-                        proc.wait()
+            if not args.no_fallback:
+                with _namespaced(client, cluster.scheduler_address, True) as inside:
+                    if inside is not None:
+                        for nbytes in sizes:
+                            for path, sender, receiver in (("w2w", a, inside),
+                                                           ("c2w", None, inside)):
+                                on, off = fallback_pair(client, sender, receiver, nbytes // 8,
+                                                        args.repeat, args.storage)
+                                times[(path, nbytes, "fallback")] = on
+                                times[(path, nbytes, "dask-same")] = off
     mpshm.dask.dask_teardown(None)
 
     rows = []
@@ -268,10 +319,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                                    ("c2w", "mpshm", 8.0), ("w2c", "mpshm", 5.0)):
             r = ratio(path, method)
             targets.append((f"{path} 256 MiB {method} x dask", r, goal, r >= goal))
-        for path in ("w2w", "c2w"):
-            if (path, size, "fallback") in times:
-                r = ratio(path, "fallback")
-                targets.append((f"{path} 256 MiB fallback x dask", r, 0.95, r >= 0.95))
+        for path in ("w2w", "c2w"):  # against Dask in the same processes
+            t, base = times.get((path, size, "fallback")), times.get((path, size, "dask-same"))
+            if t and base:
+                targets.append((f"{path} 256 MiB fallback x dask-same", base / t, 0.95,
+                                base / t >= 0.95))
     print("\ntargets (issue 18)")
     for what, r, goal, ok in targets:
         print(f"  {'PASS' if ok else 'FAIL'}  {what}: {r:.2f} (goal >= {goal})")

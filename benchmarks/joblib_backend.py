@@ -47,7 +47,7 @@ import numpy as np
 
 import mpshm.joblib
 import mpshm.numpy
-from mpshm.bench import MIB, label
+from mpshm.bench import MIB, label, parse_size
 
 WORKERS = 2
 SMALL_TASKS = 10_000
@@ -70,14 +70,6 @@ def _give(nbytes: int) -> np.ndarray:
 
 def _noop(i: int) -> int:
     return i
-
-
-def _size(text: str) -> int:
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    text = text.strip().upper().rstrip("B").rstrip("I")
-    if text and text[-1] in units:
-        return int(float(text[:-1]) * units[text[-1]])
-    return int(text)
 
 
 def _median(fn: Callable[[int], Any], repeat: int) -> float:
@@ -211,7 +203,7 @@ def main(argv: list[str]) -> int:
     sizes = args.sizes or (["1M", "16M", "256M"] if args.quick else ["1M", "16M", "256M", "1G"])
     storages = ["posix"] if args.quick and args.storages == parser.get_default("storages") \
         else args.storages
-    figures = run([_size(s) for s in sizes], args.repeat, storages)
+    figures = run([parse_size(s) for s in sizes], args.repeat, storages)
     print(f"joblib {joblib.__version__}, Parallel(n_jobs={WORKERS}), medians of {args.repeat}")
     print(f"{'what':<15} {'size':>8}  {'method':<20} {'ms':>9} {'x memcpy':>9} {'x loky':>8}")
     for r in figures["rows"]:

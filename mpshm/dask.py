@@ -32,17 +32,19 @@ module keeps schedulers' connections out of the handshake.
 
 What travels how:
 
-* An array whose memory already is an mpshm segment (made with
-  :mod:`mpshm.numpy`, or received as such) travels with no copy at all: the
-  receiver maps the same memory (writes are shared, as with any
-  :mod:`mpshm.numpy` handle).
+* An array whose memory is a segment this process made with
+  :mod:`mpshm.numpy` (a dedicated one: larger than its slab limit) travels
+  with no copy at all: the receiver maps the same memory (writes are
+  shared, as with any :mod:`mpshm.numpy` handle). Arrays received from
+  another process are copied when passed on: their maker may destroy the
+  segment's name as soon as it drops them.
 * Any other array is copied once into a segment of the sender (a *spare*)
   that the receiver maps: no socket, no second copy. The receiver's array
   is a view of that spare, its own until it drops the array: the spare is
   then free for the sender's next transfer. Spares are kept warm (the
   receiver keeps its mapping too), since a fresh segment costs the kernel
-  about as much as Dask's whole transfer; a spare unused for 5 seconds
-  (``MPSHM_CACHE_IDLE``) is destroyed.
+  about as much as Dask's whole transfer; a spare given back and unused
+  for 5 seconds (``MPSHM_CACHE_IDLE``) is destroyed.
 * Small arrays, object arrays, structured and broadcast arrays, spilling
   to disk and every other type take Dask's own path.
 
@@ -53,11 +55,12 @@ sender sees it gone). A receiver's data stays valid even after the
 sender's spare is destroyed (the name goes, the memory stays with the
 last mapping).
 
-The hooks used, all public: ``dask_serialize``/``dask_deserialize`` for
+The hooks used: Dask's public ``dask_serialize``/``dask_deserialize`` for
 ``numpy.ndarray`` (with the ``context`` argument comms pass), the worker
-preload (``dask_setup``/``dask_teardown``), and one addition to
-``distributed.comm.core.Comm.handshake_info`` (the only place a process can
-say who it is to every peer; see ``docs/dask.md``).
+and client preloads (``dask_setup``/``dask_teardown``); and one wrapper
+that is not a documented hook, around
+``distributed.comm.core.Comm.handshake_info``: the only place a process can
+say who it is to every peer (see ``docs/dask.md``; a test pins it).
 """
 
 from __future__ import annotations
@@ -65,7 +68,6 @@ from __future__ import annotations
 import atexit
 import ctypes
 import os
-import pickle
 import secrets
 import threading
 import time
@@ -81,7 +83,7 @@ from . import _mappings, backends, tracking
 from ._mappings import IDLE_SECONDS, default_limit, reaper
 from ._sysinfo import alive, machine
 from .errors import HandleError
-from .numpy import SharedArray, array_handle, rebuild_array
+from .numpy import SharedArray, owned_handle, rebuild_from_fields
 from .reduction import attach_owner
 from .shared_memory import Mapped, create_mapping
 
@@ -110,6 +112,8 @@ _FREE, _LENT, _HELD = 0, 1, 2
 #: A spare lent and never taken for this long is destroyed, never reused.
 _LENT_EXPIRY = 60.0
 _GRAIN = 1 << 20
+#: A peer whose probe did not hold is checked again after this many seconds.
+_RECHECK = 30.0
 
 
 def _words(owner: Any) -> Any:
@@ -158,12 +162,16 @@ class _State:
         self.lock = threading.RLock()
         self.scope = tracking.Scope()
         self.spares: list[_Spare] = []
-        self.verified: dict[tuple[str, str], bool] = {}
+        #: Verdicts on peers' probes: True, or when to ask again.
+        self.verified: dict[tuple[str, str], Any] = {}
         self.closed = False
         self._identity: Optional[dict[str, Any]] = None
         self._probe: Optional[Mapped] = None
-        self.transfers = 0
-        self.fallbacks = 0
+        self.counts = {"handles": 0, "fallbacks": 0}
+
+    def count(self, what: str) -> None:
+        with self.lock:
+            self.counts[what] += 1
 
     def identity(self) -> dict[str, Any]:
         with self.lock:
@@ -198,10 +206,16 @@ class _State:
         if not (isinstance(probe, str) and isinstance(nonce, str)):
             return False
         key = (probe, nonce)
+        now = time.monotonic()
         known = self.verified.get(key)
-        if known is None:
-            known = self.verified[key] = _probe_holds(probe, nonce)
-        return bool(known)
+        if known is None or (known is not True and now > known):
+            holds = _probe_holds(probe, nonce)
+            if len(self.verified) > 4096:  # peers come and go: forget old verdicts
+                self.verified.clear()
+            # a failure may be passing (EMFILE, ENOMEM): asked again later
+            self.verified[key] = True if holds else now + _RECHECK
+            return holds
+        return known is True
 
     # -- spares ------------------------------------------------------------
 
@@ -288,16 +302,22 @@ class _State:
 
     def sweep(self, idle: Optional[float] = None) -> bool:
         """Destroy spares unused for *idle* seconds (default: the cache's
-        idle time) and expired ones; True if any. (A spare a receiver still
-        holds may go: its name goes, the receiver's memory stays.)"""
+        idle time, ``MPSHM_CACHE_IDLE``) and expired ones; True if any. A
+        spare a receiver holds is in use, not idle: its memory could not be
+        freed anyway, and it is warm for the next transfer once given back."""
         idle = IDLE_SECONDS if idle is None else idle
         now = time.monotonic()
+        doomed = []
         with self.lock:
-            doomed = [s for s in self.spares if not s.busy and (
-                s.state(now) == "expired"
-                or (now - s.used > idle and s.state(now) != "lent"))]
-            for spare in doomed:
-                self.spares.remove(spare)
+            for spare in list(self.spares):
+                if spare.busy:
+                    continue
+                state = spare.state(now)
+                if state == "held":
+                    spare.used = now  # idle from when it is given back
+                elif state == "expired" or (now - spare.used > idle and state != "lent"):
+                    self.spares.remove(spare)
+                    doomed.append(spare)
         for spare in doomed:
             _destroy(self.scope, spare.mapped)
         return bool(doomed)
@@ -344,8 +364,8 @@ class _Spare:
             del words
         if state == _FREE:
             return "free"
-        if state == _HELD:
-            return "held" if alive(int(holder)) else "free"
+        if state == _HELD:  # free only once its holder is known to be gone
+            return "free" if alive(int(holder)) is False else "held"
         return "lent" if now - self.lent_at < _LENT_EXPIRY else "expired"
 
 
@@ -443,8 +463,7 @@ def stats() -> dict[str, int]:
     (``fallbacks``), and spares held (``spares``, ``spare_bytes``)."""
     state = _current()
     with state.lock:
-        return {"handles": state.transfers, "fallbacks": state.fallbacks,
-                "spares": len(state.spares),
+        return {**state.counts, "spares": len(state.spares),
                 "spare_bytes": sum(s.mapped.size for s in state.spares)}
 
 
@@ -534,18 +553,17 @@ def serialize(x: np.ndarray, context: Optional[dict[str, Any]] = None) -> tuple[
     if _eligible(x, state.settings.threshold):
         peer = _peer(context)
         if peer is not None and state.shares_memory_with(peer):
-            handle = array_handle(x)
-            if handle is not None and not handle.given:
-                header = {KEY: "ref", "storage": state.identity()["storage"]}
-                state.transfers += 1
-                return header, [pickle.dumps(handle, protocol=5)]
+            fields = owned_handle(x)
+            if fields is not None:
+                state.count("handles")
+                return {KEY: "ref", "storage": state.identity()["storage"], "h": fields}, []
             lent = state.lend(x)
             if lent is not None:
-                state.transfers += 1
+                state.count("handles")
                 header = {KEY: "spare", "storage": state.identity()["storage"],
                           "dtype": x.dtype.str, "shape": list(x.shape), "h": lent}
                 return header, []
-            state.fallbacks += 1
+            state.count("fallbacks")
     return _dask_numpy.serialize_numpy_ndarray(x, context=context)  # type: ignore[no-any-return]
 
 
@@ -562,8 +580,7 @@ def deserialize(header: dict[str, Any], frames: list[Any]) -> np.ndarray:
             "report it) or forged. Turn mpshm.dask off on that path to get bytes"
         )
     if kind == "ref":
-        handle = pickle.loads(frames[0])
-        return rebuild_array(handle)
+        return rebuild_from_fields(header["h"])
     if kind == "spare":
         return _take(header)
     raise HandleError(f"mpshm.dask: unknown kind of handle {kind!r}; are all processes "
@@ -623,7 +640,7 @@ def _register() -> None:
 # Turning it on
 
 
-@click.command()
+@click.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.option("--backend", "backend_", default=None,
               help="mpshm storage: posix, sysv or mmap (default: MPSHM_BACKEND, else posix)")
 @click.option("--dir", "dir_", default=None, help="directory of the mmap storage")
@@ -641,21 +658,20 @@ def dask_setup(obj: Any, backend_: Optional[str], dir_: Optional[str],
 
 
 def dask_teardown(obj: Any) -> None:
-    """The preload's teardown: destroys this process's spares and probe,
-    once the last Dask client and worker of this process is closing (the
-    next transfer makes new ones)."""
+    """The preload's teardown (of a worker or a client): destroys this
+    process's spares and probe once no other Dask client or worker of this
+    process is running (the next transfer makes new ones)."""
     import distributed
 
-    if isinstance(obj, distributed.Client):
-        others = [c for c in list(getattr(distributed.Client, "_instances", ()))
-                  if c is not obj and getattr(c, "status", "closed") not in (
-                      "closed", "closing")]
-        workers = list(getattr(distributed.Worker, "_instances", ()))
-        if others or any(getattr(w, "status", None) is not None
-                         and str(w.status) not in ("Status.closed", "Status.closing",
-                                                   "Status.closing_gracefully")
-                         for w in workers):
-            return
+    def running(other: Any) -> bool:
+        status = str(getattr(other, "status", "closed"))
+        return other is not obj and any(
+            word in status for word in ("running", "paused", "connecting", "starting"))
+
+    others = [*getattr(distributed.Client, "_instances", ()),
+              *getattr(distributed.Worker, "_instances", ())]
+    if obj is not None and any(running(other) for other in list(others)):
+        return
     state = _state
     if state is not None and state.pid == os.getpid():
         state.close()
@@ -668,8 +684,15 @@ def _preload_clients() -> None:
     import dask.config
 
     preload = list(dask.config.get("distributed.client.preload", None) or [])
-    if __name__ not in preload:
-        dask.config.set({"distributed.client.preload": [*preload, __name__]})
+    if __name__ in preload:
+        return
+    argv = dask.config.get("distributed.client.preload-argv", None) or []
+    update: dict[str, Any] = {"distributed.client.preload": [*preload, __name__]}
+    if argv and all(isinstance(a, (list, tuple)) for a in argv):
+        update["distributed.client.preload-argv"] = [*argv, []]  # one list per preload
+    elif argv:  # one list for every preload: each gets its own copy, ours none
+        update["distributed.client.preload-argv"] = [list(argv) for _ in preload] + [[]]
+    dask.config.set(update)
 
 
 def local_cluster(*, backend: Optional[str] = None, threshold: int = DEFAULT_THRESHOLD,

@@ -136,7 +136,8 @@ def test_dask_benchmark_runs(tmp_path):
             ("w2w-preshared", "mpshm"), ("c2w-preshared", "mpshm"),
             ("w2c-preshared", "mpshm")} <= seen
     if os.geteuid() == 0:  # the worker in its own namespaces
-        assert {("w2w", "fallback"), ("c2w", "fallback")} <= seen
+        assert {("w2w", "fallback"), ("c2w", "fallback"), ("w2w", "dask-ns"),
+                ("c2w", "dask-ns"), ("w2w", "dask-same"), ("c2w", "dask-same")} <= seen
     # (w2w is a difference of two timings: at 1 MiB and one round, noise may win)
     assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows if r["path"] != "w2w")
     assert figures["targets"] == []  # verdicts only at 256 MiB

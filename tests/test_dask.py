@@ -9,6 +9,7 @@ which must get bytes; SIGKILL of the sending and of the receiving worker;
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -59,6 +60,24 @@ def holds(x: np.ndarray, seconds: float) -> float:
     """Sums *x* after holding it for *seconds*."""
     time.sleep(seconds)
     return float(x.sum())
+
+
+def holds_in(x: np.ndarray, seconds: float, where: int) -> float:
+    """Sums *x*, after holding it for *seconds* if this is process *where*."""
+    if os.getpid() == where:
+        time.sleep(seconds)
+    return float(x.sum())
+
+
+def tail(x: np.ndarray) -> np.ndarray:
+    return x[1:]
+
+
+class Box:
+    """An object Dask pickles whole (not a list, tuple or dict)."""
+
+    def __init__(self, arr: np.ndarray) -> None:
+        self.arr = arr
 
 
 def handles() -> int:
@@ -179,7 +198,7 @@ def test_layouts_and_dtypes_arrive_intact(client, order):
     if order == "F":
         assert got.flags.f_contiguous
     for dtype in (np.uint8, np.complex128, np.float16, ">f8"):
-        x = np.arange(3 * MiB // np.dtype(dtype).itemsize).astype(dtype)
+        x = (np.arange(3 * MiB // np.dtype(dtype).itemsize) % 200).astype(dtype)
         back = client.submit(echo, client.scatter(x, workers=[a], direct=True),
                              workers=[b], pure=False).result()
         np.testing.assert_array_equal(back, x)
@@ -193,6 +212,74 @@ def test_arrays_in_mpshm_memory_travel_with_no_copy(client):
     got, seen_in = client.submit(where, x, workers=[b], pure=False).result()
     assert got == 3.0 * N
     assert made_in is not None and seen_in == made_in  # the same segment: no copy
+
+
+def test_a_view_of_a_received_mpshm_array_is_copied_when_passed_on(client):
+    """Only the process that made an mpshm array sends it by reference: a
+    receiver passing on a view of it copies, since the maker may destroy the
+    segment's name as soon as it drops the array."""
+    a, b = workers(client)
+    x = client.submit(made_shared, N, 4.0, workers=[a], pure=False)
+    y = client.submit(tail, x, workers=[b], pure=False)
+    distributed.wait(y)
+    del x  # a forgets x: its segment's name is destroyed
+    wait_until(lambda: client.run(lambda: len(mnp._owned), workers=[a])[a] == 0, timeout=30)
+    got = y.result()
+    assert got.shape == (N - 1,) and (got == 4.0).all()
+    assert mnp.segment_name(got) is None  # a copy, the client's own
+
+
+def test_small_mpshm_arrays_never_go_by_reference():
+    """A small mpshm.numpy array is a chunk of a slab, reused once the array
+    is gone: even above the threshold it is copied, never sent by name."""
+    before = mpshm.dask.settings()
+    backend = before.pop("backend")
+    threshold = before.pop("threshold")
+    mpshm.dask.configure(threshold=1024)
+    try:
+        small = mnp.empty(2048)  # 16 KiB: a slab's chunk
+        small[:] = 1.0
+        peer = dict(mpshm.dask.identity(), pid=1)
+        header, frames = mpshm.dask.serialize(small, {"recipient": {KEY: peer}})
+        assert header[KEY] == "spare" and frames == []
+        got = mpshm.dask.deserialize(header, frames)
+        small[:] = 666.0
+        assert (got == 1.0).all()
+        del got
+        big = mnp.empty(N)  # dedicated: by reference
+        header, _ = mpshm.dask.serialize(big, {"recipient": {KEY: peer}})
+        assert header[KEY] == "ref"
+        mnp.release(big)
+    finally:
+        mpshm.dask.configure(backend, threshold, **before)
+
+
+def test_mpshm_arrays_inside_objects_dask_pickles_go_by_value():
+    """Dask pickles some objects whole, and may spill them to disk and load
+    them after the array is gone: the array's bytes go, not its name."""
+    from distributed.protocol import deserialize_bytes, serialize_bytelist
+
+    arr = mnp.empty(N)
+    arr[:] = 3.0
+    frames = serialize_bytelist(Box(arr))
+    assert sum(memoryview(f).nbytes for f in frames) >= arr.nbytes
+    mnp.release(arr)
+    del arr
+    assert (deserialize_bytes(b"".join(frames)).arr == 3.0).all()
+
+
+def test_importing_keeps_the_client_preload_settings_consistent():
+    import dask
+
+    with dask.config.set({"distributed.client.preload": ["other"],
+                          "distributed.client.preload-argv": [["--x", "1"]]}):
+        mpshm.dask._preload_clients()
+        assert dask.config.get("distributed.client.preload") == ["other", "mpshm.dask"]
+        assert dask.config.get("distributed.client.preload-argv") == [["--x", "1"], []]
+    with dask.config.set({"distributed.client.preload": ["other"],
+                          "distributed.client.preload-argv": ["--x", "1"]}):
+        mpshm.dask._preload_clients()
+        assert dask.config.get("distributed.client.preload-argv") == [["--x", "1"], []]
 
 
 def test_small_and_object_arrays_take_dasks_path(client):
@@ -307,56 +394,74 @@ def pid() -> int:
     return os.getpid()
 
 
-@pytest.mark.parametrize("victim", ["sender", "receiver"])
-def test_sigkill_of_a_worker_mid_transfer_leaves_nothing(victim, tmp_path):
-    # mmap files in a directory of this test's own: all it makes is there
-    cluster = mpshm.dask.local_cluster(backend="mmap", dir=str(tmp_path), n_workers=2,
+@contextlib.contextmanager
+def cluster_in(directory):
+    """A 2-worker cluster on mmap files in *directory* (this test's own: all
+    it makes is there) and a direct client; after it closes, *directory*
+    must empty."""
+    cluster = mpshm.dask.local_cluster(backend="mmap", dir=str(directory), n_workers=2,
                                        threads_per_worker=1, dashboard_address=":0")
     try:
         with distributed.Client(cluster, direct_to_workers=True) as client:
-            a, b = workers(client)
-            pids = client.run(pid)
-            x = client.submit(made, 32 * MiB // 8, 1.0, workers=[a], pure=False)
-            distributed.wait(x)
-            rng = np.random.default_rng()
-            # the receiver holds the array for a while; kill one side in the
-            # middle: while the sender copies, or while the receiver holds it
-            held = client.submit(holds, x, 0.5, workers=[b], pure=False)
-            time.sleep(float(rng.uniform(0.0, 0.3)))
-            os.kill(pids[a if victim == "sender" else b], signal.SIGKILL)
-            try:
-                held.result(timeout=60)
-            except Exception:
-                pass
-            if victim == "receiver":
-                # the sender sees its receiver gone and may reuse the spare
-                client.wait_for_workers(2, timeout=60)
+            yield client
     finally:
         cluster.close()
         mpshm.dask.dask_teardown(None)
-    wait_until(lambda: not os.listdir(tmp_path), timeout=15)
+    wait_until(lambda: not os.listdir(directory), timeout=15)
+
+
+@pytest.mark.parametrize("victim", ["sender", "receiver"])
+def test_sigkill_of_a_worker_mid_transfer_leaves_nothing(victim, tmp_path):
+    with cluster_in(tmp_path) as client:
+        a, b = workers(client)
+        pids = client.run(pid)
+        x = client.submit(made, 32 * MiB // 8, 1.0, workers=[a], pure=False)
+        distributed.wait(x)
+        # kill one side at a random moment: while the sender copies, while
+        # the handle travels, or while the receiver holds the array
+        held = client.submit(holds, x, 0.5, workers=[b], pure=False)
+        time.sleep(float(np.random.default_rng().uniform(0.0, 0.3)))
+        os.kill(pids[a if victim == "sender" else b], signal.SIGKILL)
+        try:
+            held.result(timeout=60)
+        except Exception:
+            pass
+
+
+def test_the_spare_of_a_killed_receiver_is_taken_back(tmp_path):
+    with cluster_in(tmp_path) as client:
+        a, b = workers(client)
+        pids = client.run(pid)
+        x = client.submit(made, N, 1.0, workers=[a], pure=False)
+        held = client.submit(holds_in, x, 60.0, pids[b], workers=[b], pure=False,
+                             allow_other_workers=True)
+        wait_until(lambda: counts(client)[a] >= 1, timeout=30)
+        time.sleep(0.5)  # b holds the array now
+        assert client.run(mpshm.dask.stats, workers=[a])[a]["spares"] == 1
+        os.kill(pids[b], signal.SIGKILL)
+        # Dask runs the task again elsewhere (the nanny's new worker, or a)
+        assert held.result(timeout=60) == N
+        client.wait_for_workers(2, timeout=60)
+        new_b = next(w for w in workers(client) if w != a)
+        y = client.submit(made, N, 2.0, workers=[a], pure=False)
+        assert client.submit(total, y, workers=[new_b], pure=False).result() == 2.0 * N
+        # the dead receiver's spare was reused, not a new one made
+        assert client.run(mpshm.dask.stats, workers=[a])[a]["spares"] == 1
 
 
 def test_a_killed_sender_s_spares_go_at_once_while_the_receiver_keeps_its_data(tmp_path):
-    cluster = mpshm.dask.local_cluster(backend="mmap", dir=str(tmp_path), n_workers=2,
-                                       threads_per_worker=1, dashboard_address=":0")
-    try:
-        with distributed.Client(cluster, direct_to_workers=True) as client:
-            a, b = workers(client)
-            pids = client.run(pid)
-            x = client.submit(made, N, 3.0, workers=[a], pure=False)
-            held = client.submit(holds, x, 3.0, workers=[b], pure=False)
-            wait_until(lambda: counts(client)[a] >= 1, timeout=30)
-            names = client.run(own_segments, workers=[a])[a]
-            assert len(names) == 2 and all(exists(n) for n in names)  # probe and spare
-            os.kill(pids[a], signal.SIGKILL)
-            assert held.result(timeout=60) == 3.0 * N  # the receiver's view is intact
-            # the dead sender's scope is closed: its spare and probe are gone
-            wait_until(lambda: not any(exists(n) for n in names), timeout=10)
-    finally:
-        cluster.close()
-        mpshm.dask.dask_teardown(None)
-    wait_until(lambda: not os.listdir(tmp_path), timeout=15)
+    with cluster_in(tmp_path) as client:
+        a, b = workers(client)
+        pids = client.run(pid)
+        x = client.submit(made, N, 3.0, workers=[a], pure=False)
+        held = client.submit(holds, x, 3.0, workers=[b], pure=False)
+        wait_until(lambda: counts(client)[a] >= 1, timeout=30)
+        names = client.run(own_segments, workers=[a])[a]
+        assert len(names) == 2 and all(exists(n) for n in names)  # probe and spare
+        os.kill(pids[a], signal.SIGKILL)
+        assert held.result(timeout=60) == 3.0 * N  # the receiver's view is intact
+        # the dead sender's scope is closed: its spare and probe are gone
+        wait_until(lambda: not any(exists(n) for n in names), timeout=10)
 
 
 # -- settings and bad input --
@@ -382,6 +487,10 @@ def test_a_forged_handle_changes_nothing():
         assert bytes(victim.buf[:16]) == b"keep this intact"
         with pytest.raises(HandleError, match="storage"):
             mpshm.dask.deserialize(dict(header, storage="posix:1:2"), [])
+        with pytest.raises(HandleError, match="invalid array handle"):
+            mpshm.dask.deserialize({KEY: "ref", "storage": own, "h": {"name": 1}}, [])
+        with pytest.raises(HandleError, match="unknown kind"):
+            mpshm.dask.deserialize({KEY: "other", "storage": own}, [])
     finally:
         victim.close()
         victim.unlink()

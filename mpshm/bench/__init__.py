@@ -9,7 +9,7 @@ import statistics
 import time
 from typing import Any, Callable
 
-__all__ = ["DIRECTIONS", "GIB", "KIB", "MIB", "label", "median_time"]
+__all__ = ["DIRECTIONS", "GIB", "KIB", "MIB", "label", "median_time", "parse_size"]
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 #: What the pool benchmark measures: sending an array to a worker that takes
@@ -35,3 +35,12 @@ def label(nbytes: int) -> str:
         if nbytes >= unit and nbytes % unit == 0:
             return f"{nbytes // unit} {name}"
     return f"{nbytes} B"
+
+
+def parse_size(text: str) -> int:
+    """A size as people write it: '256M', '1GiB', '4k', '1048576' -> bytes."""
+    units = {"K": KIB, "M": MIB, "G": GIB}
+    text = text.strip().upper().rstrip("B").rstrip("I")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)

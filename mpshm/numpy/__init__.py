@@ -101,6 +101,10 @@ class SharedArray(np.ndarray):  # type: ignore[type-arg,unused-ignore]
 #: "multiprocessing" backend), by calling its result queue's ``put``.
 _RESULT_SENDERS = frozenset({
     ("concurrent.futures.process", "_sendback_result"),
+    # Dask distributed's pickling: what it pickles may be spilled to disk and
+    # loaded after the array is gone, or relayed by a scheduler to another
+    # machine (mpshm.dask sends arrays by handle itself, only where they map).
+    ("distributed.protocol.pickle", "dumps"),
     ("joblib.externals.loky.process_executor", "_sendback_result"),
     ("loky.process_executor", "_sendback_result"),
 })
@@ -352,6 +356,41 @@ def array_handle(arr: np.ndarray) -> Optional[_ArrayHandle]:
     """A handle for *arr* if its memory lies in a segment (else None)."""
     located = locate_array(arr)
     return None if located is None else located[0]
+
+
+def owned_handle(arr: np.ndarray) -> Optional[dict[str, Any]]:
+    """The fields of a handle for *arr* (msgpack-safe: no dtype object, see
+    :func:`rebuild_from_fields`) if its memory is a *dedicated* segment this
+    process made and still owns (so its name exists for as long as the
+    array does): not a slab's chunk, which is reused once the array is
+    gone, nor a segment received from another process, whose name its
+    maker may destroy at any time. None otherwise."""
+    located = locate_array(arr)
+    if located is None or located[1] not in _owned:
+        return None
+    handle = located[0]
+    if handle.dtype.fields is not None or handle.dtype.hasobject:
+        return None
+    return {"backend": handle.backend, "ident": handle.ident, "name": handle.name,
+            "size": handle.size, "machine": list(handle.machine), "offset": handle.offset,
+            "shape": list(handle.shape), "strides": list(handle.strides),
+            "dtype": handle.dtype.str, "writable": handle.writable}
+
+
+def rebuild_from_fields(fields: dict[str, Any]) -> np.ndarray:
+    """The array of handle *fields* (from :func:`owned_handle`): a zero-copy
+    view of the segment. Raises HandleError for fields that make no handle."""
+    try:
+        handle = _ArrayHandle(
+            str(fields["backend"]), str(fields["ident"]), str(fields["name"]),
+            int(fields["size"]), tuple(fields["machine"]),
+            int(fields["offset"]), tuple(int(n) for n in fields["shape"]),
+            tuple(int(n) for n in fields["strides"]), np.dtype(str(fields["dtype"])),
+            bool(fields["writable"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise HandleError(f"invalid array handle fields {fields!r}: {exc}") from None
+    return rebuild_array(handle)
 
 
 def rebuild_array(handle: _ArrayHandle) -> np.ndarray:
