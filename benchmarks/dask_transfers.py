@@ -248,7 +248,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     memcpy = {n: _memcpy(n, args.repeat) for n in sizes}
     times: dict[tuple[str, int, str], float] = {}
     common = {"n_workers": 2, "threads_per_worker": 1, "dashboard_address": ":0",
-              "processes": True, "silence_logs": logging.ERROR}
+              "processes": True, "silence_logs": logging.CRITICAL}
 
     def run(method: str, client: Client, a: str, b: str, paths: list[str]) -> None:
         for nbytes in sizes:

@@ -58,7 +58,7 @@ def main() -> None:
     # The same as LocalCluster(..., preload=["mpshm.dask"], preload_argv=[...]):
     cluster = mpshm.dask.local_cluster(backend=args.storage, n_workers=2,
                                        threads_per_worker=1, dashboard_address=":0",
-                                       silence_logs=logging.ERROR)
+                                       silence_logs=logging.CRITICAL)
     with cluster, Client(cluster, direct_to_workers=True) as client:
         a, b = sorted(client.scheduler_info()["workers"])
 
