@@ -187,8 +187,9 @@ def map_shared(
     raise OSError(error, os.strerror(error))
 
 
-#: How long attach waits for a creator to size a segment it just made.
-SIZING_WAIT = 0.05
+#: How long attach waits for a creator to size a segment it just made (a
+#: creator descheduled on a loaded machine can take tens of milliseconds).
+SIZING_WAIT = 1.0
 
 
 def sized_stat(fd: int) -> os.stat_result:
@@ -197,10 +198,15 @@ def sized_stat(fd: int) -> os.stat_result:
     Creation is open-then-size, so an attach racing a creator can find the
     object empty for a few microseconds; an object still empty after
     :data:`SIZING_WAIT` seconds is returned as it is (the caller reports it).
+    One whose name is gone meanwhile (destroyed before it was sized) raises
+    FileNotFoundError: attaching it lost the race to its destruction.
     """
     st = os.fstat(fd)
     deadline = None
     while st.st_size == 0:
+        if st.st_nlink == 0:
+            raise FileNotFoundError(
+                errno.ENOENT, "the segment was destroyed before its creator sized it")
         now = time.monotonic()
         if deadline is None:
             deadline = now + SIZING_WAIT
