@@ -580,14 +580,16 @@ def note_private(owner: Any, backend: str, ident: str, name: str, size: int) -> 
 # --------------------------------------------------------------------------
 # The reaper
 
-def destroy_name(backend: str, ident: str) -> None:
+def destroy_name(backend: str, ident: str, registry: Any = tracking,
+                 identity: Optional[str] = None) -> None:
     """Destroy the name of a segment this process owns (or took over), and
-    stop tracking it; a name already gone is fine."""
+    stop tracking it in *registry* (the program's tracker, or a
+    :class:`~mpshm.tracking.Scope`); a name already gone is fine."""
     try:
         backends.get(backend).unlink(ident)
     except (FileNotFoundError, PermissionError):
         pass
-    tracking.unregister(backend, ident)
+    registry.unregister(backend, ident, identity)
 
 
 class _Reaper:

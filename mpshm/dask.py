@@ -71,6 +71,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from typing import Any, Literal, Optional
 
 import click
@@ -80,7 +81,7 @@ from distributed.comm.core import Comm
 from distributed.protocol.serialize import dask_deserialize, dask_serialize
 
 from . import _mappings, backends, tracking
-from ._mappings import IDLE_SECONDS, default_limit, reaper
+from ._mappings import IDLE_SECONDS, default_limit, destroy_name, reaper
 from ._sysinfo import alive, machine
 from .errors import HandleError
 from .numpy import SharedArray, owned_handle, rebuild_from_fields
@@ -141,7 +142,8 @@ def _storage_id(backend: backends.Backend, options: dict[str, Any]) -> str:
     where = backend.where(options)
     if where is None:
         return f"{backend.name}:unknown-{secrets.token_hex(8)}"  # matches nobody
-    os.makedirs(where, mode=0o700, exist_ok=True) if backend.name == "mmap" else None
+    if backend.name == "mmap":  # (made on first use otherwise: stat it now)
+        os.makedirs(where, mode=0o700, exist_ok=True)
     st = os.stat(where)
     return f"{backend.name}:{st.st_dev}:{st.st_ino}"
 
@@ -225,18 +227,9 @@ class _State:
         need = _DATA + x.nbytes
         spare = self._take_spare(need)
         if spare is None:
-            size = -(-need // _GRAIN) * _GRAIN
-            try:
-                mapped = create_mapping(size, self.settings.backend, self.settings.options,
-                                        self.scope)
-            except (OSError, ValueError):
-                if not _mappings.reclaim():
-                    return None
-                try:
-                    mapped = create_mapping(size, self.settings.backend,
-                                            self.settings.options, self.scope)
-                except (OSError, ValueError):
-                    return None
+            mapped = self._new_segment(-(-need // _GRAIN) * _GRAIN)
+            if mapped is None:
+                return None
             spare = _Spare(mapped)
             with self.lock:
                 if self.closed:
@@ -259,6 +252,18 @@ class _State:
         m = spare.mapped
         return {"b": m.backend.name, "i": m.ident, "n": m.name, "s": m.size,
                 "m": list(machine()), "l": lease, "o": order}
+
+    def _new_segment(self, size: int) -> Optional[Mapped]:
+        """A new segment for a spare, or None if the storage cannot hold it
+        even after the caches let go of what they can."""
+        for attempt in range(2):
+            try:
+                return create_mapping(size, self.settings.backend, self.settings.options,
+                                      self.scope)
+            except (OSError, ValueError):
+                if attempt or not _mappings.reclaim():
+                    return None
+        return None
 
     def _take_spare(self, need: int) -> Optional[_Spare]:
         now = time.monotonic()
@@ -374,17 +379,11 @@ def _destroy(scope: tracking.Scope, mapped: Mapped, later: bool = True) -> None:
     Freeing a large segment's pages takes a while: done in the reaper's
     thread unless *later* is false."""
 
-    def destroy() -> None:
-        try:
-            mapped.backend.unlink(mapped.ident)
-        except (FileNotFoundError, PermissionError):
-            pass
-        scope.unregister(mapped.backend.name, mapped.ident, mapped.identity)
-
+    args = (mapped.backend.name, mapped.ident, scope, mapped.identity)
     if later:
-        reaper.later(destroy)
+        reaper.later(destroy_name, *args)
     else:
-        destroy()
+        destroy_name(*args)
 
 
 def _probe_holds(name: str, nonce: str) -> bool:
@@ -610,8 +609,6 @@ def _take(header: dict[str, Any]) -> np.ndarray:
     finally:
         del words
     owned = _mappings.lease(owner, _DATA, nbytes)
-    import weakref
-
     weakref.finalize(owned, _give_back, owner, lease).atexit = False
     arr: np.ndarray = np.frombuffer(owned, dtype=dtype).reshape(shape, order=h["o"])
     return arr
